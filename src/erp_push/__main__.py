@@ -1,0 +1,3 @@
+from erp_push.cli import main
+
+main()

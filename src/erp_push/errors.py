@@ -1,0 +1,206 @@
+"""One error tree for the whole tool.
+
+Every failure erp-push knows about is one of these. Each class says
+- whether trying again later can help (``transient``),
+- which exit code the CLI ends with when the error stops a run (``exit_code``),
+- a short ``hint`` telling the operator what to do.
+
+Only ``cli.py`` turns them into output. Messages never contain secrets: code that
+raises these builds messages from hosts, paths, status codes and server error codes,
+never from credentials or request headers.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    SOME_FAILED = 1  # some invoices failed, and each failure was reported to Nuntiq
+    USAGE = 2  # bad command line (Typer/Click's own code)
+    SETTINGS = 3  # bad or missing settings; nothing was done
+    NUNTIQ = 4  # Nuntiq unreachable or refusing (auth, permissions, protocol)
+    SFTP = 5  # SFTP server unreachable or refusing (host key, login, folders)
+
+
+class ErpPushError(Exception):
+    """Base of every error erp-push raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.SOME_FAILED
+    transient: bool = False
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+class SettingsError(ErpPushError):
+    """Settings are missing or invalid. ``problems`` holds one line per bad field."""
+
+    exit_code = ExitCode.SETTINGS
+
+    def __init__(self, problems: list[str], *, source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(
+            f"{len(problems)} settings problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems),
+            hint="Fix the settings file or the ERP_PUSH_* environment variables; see "
+            "settings.example.json and the README's configuration reference.",
+        )
+
+
+# --- Nuntiq ---------------------------------------------------------------------------
+
+
+class NuntiqError(ErpPushError):
+    """Nuntiq answered with an error, or could not be reached.
+
+    ``status`` is the HTTP status (None when no response arrived), ``code`` the
+    machine code from the ``error`` field of the body (e.g. ``LEASE_EXPIRED``).
+    """
+
+    exit_code = ExitCode.NUNTIQ
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.code = code
+
+
+class NuntiqTransientError(NuntiqError):
+    """Might succeed later: 429, 502/503/504, timeouts, refused or reset connections."""
+
+    transient = True
+    hint = "Nuntiq is unreachable or overloaded; the next run will pick up where this one stopped."
+
+
+class NuntiqUnavailable(NuntiqTransientError):
+    """No HTTP response at all (DNS, refused, reset, timeout)."""
+
+
+class NuntiqFatalError(NuntiqError):
+    """Will not fix itself by retrying: any 4xx other than 429, or a malformed response."""
+
+
+class NuntiqAuthError(NuntiqFatalError):
+    """401 or 403: the API key is wrong, expired, or lacks a permission."""
+
+    hint = "Check secrets.nuntiq_api_key (env ERP_PUSH_NUNTIQ_API_KEY) and its permissions."
+
+
+class NuntiqNotFound(NuntiqFatalError):
+    """404: unknown invoice, attachment or delta stream."""
+
+
+class NuntiqValidationError(NuntiqFatalError):
+    """400 or 422: the request was refused as invalid (includes CURSOR_REGRESSION)."""
+
+
+class NuntiqConflict(NuntiqFatalError):
+    """409: the invoice is not in a state that allows this call."""
+
+
+class LeaseExpired(NuntiqConflict):
+    """409 LEASE_EXPIRED: our lease lapsed, or another lease now holds the invoice."""
+
+
+class InvalidTransition(NuntiqConflict):
+    """409 INVALID_TRANSITION: e.g. success reported on an invoice already at 97."""
+
+
+class NuntiqProtocolError(NuntiqFatalError):
+    """A 2xx response whose body does not match the contract."""
+
+
+# --- SFTP -----------------------------------------------------------------------------
+
+
+class SftpError(ErpPushError):
+    """The SFTP server cannot be used at all: the run stops (exit 5)."""
+
+    exit_code = ExitCode.SFTP
+
+
+class SftpUnreachable(SftpError):
+    """TCP connect, SSH handshake or keepalive failed or timed out."""
+
+    transient = True
+    hint = "Check sftp_host/sftp_port and that the server is up; invoices stay queued."
+
+
+class HostKeyError(SftpError):
+    """The server's host key is unknown or differs from the pinned one. Never auto-accepted."""
+
+    hint = (
+        "If you trust this key, add it to the file named by sftp_known_hosts "
+        "(ssh-keyscan -p PORT HOST >> known_hosts, then compare the fingerprint), "
+        "or set sftp_host_key_sha256 to the fingerprint shown."
+    )
+
+    def __init__(self, message: str, *, fingerprint: str) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
+
+
+class HostKeyUnknown(HostKeyError):
+    """The server is not in known_hosts and no fingerprint is pinned for it."""
+
+
+class HostKeyMismatch(HostKeyError):
+    """The server presented a different key than the one we trust: possible interception."""
+
+
+class SftpAuthError(SftpError):
+    """Login refused (password, key or passphrase wrong; user not allowed)."""
+
+    hint = "Check sftp_user and secrets.sftp_password or sftp_private_key_path/passphrase."
+
+
+class SftpFolderError(SftpError):
+    """The outbox (or sent folder) is missing or not usable."""
+
+    hint = "Check remote_outbox and remote_sent exist and are writable by sftp_user."
+
+
+class SftpOperationError(ErpPushError):
+    """One file operation failed (write, rename, stat). Fails one invoice, not the run.
+
+    ``failure_code`` is what the invoice is reported with.
+    """
+
+    def __init__(self, message: str, *, failure_code: str = "SFTP_UPLOAD_FAILED") -> None:
+        super().__init__(message)
+        self.failure_code = failure_code
+
+
+# --- rendering ------------------------------------------------------------------------
+
+
+class RenderError(ErpPushError):
+    """The invoice cannot be written as a file the ERP would read correctly.
+
+    Fails that invoice alone, reported with ``failure_code`` (e.g. RENDER_MISSING_FIELD,
+    RENDER_UNSAFE_VALUE).
+    """
+
+    def __init__(self, message: str, *, failure_code: str) -> None:
+        super().__init__(message)
+        self.failure_code = failure_code

@@ -1,0 +1,287 @@
+"""One function per CLI command: settings in, a result out. No printing here.
+
+The CLI parses options, loads settings, calls one of these and hands the result to
+``report``. Tests call them directly too; each takes optional ready-made clients (seams)
+and builds real ones from settings only when none are passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from erp_push.claim import NuntiqClient
+from erp_push.errors import NuntiqError, RenderError, SftpError
+from erp_push.journal import Journal
+from erp_push.pipeline import PushPlan, Pusher
+from erp_push.render import FieldKeys, RenderedFile, render_invoice
+from erp_push.report import Outcome, RunReport
+from erp_push.settings import Settings
+from erp_push.transport import RemoteFile, SftpOptions, SftpSession
+
+# Dry-run has to claim to look (the contract has no list endpoint); the shortest TTL
+# Nuntiq allows keeps the invoices away from real pushes for as short a time as possible.
+DRY_RUN_LEASE_TTL_SECONDS = 60
+
+
+# --- builders: settings -> clients ----------------------------------------------------
+
+
+def nuntiq_client(settings: Settings) -> NuntiqClient:
+    cfg, secrets = settings.config, settings.secrets
+    assert cfg.nuntiq_base_url is not None and secrets.nuntiq_api_key is not None
+    return NuntiqClient(
+        str(cfg.nuntiq_base_url), secrets.nuntiq_api_key, timeout=cfg.nuntiq_timeout_seconds
+    )
+
+
+def sftp_options(settings: Settings) -> SftpOptions:
+    cfg, secrets = settings.config, settings.secrets
+    assert cfg.sftp_host is not None and cfg.sftp_user is not None
+    return SftpOptions(
+        host=cfg.sftp_host,
+        port=cfg.sftp_port,
+        user=cfg.sftp_user,
+        password=secrets.sftp_password,
+        private_key_path=_path(cfg.sftp_private_key_path),
+        private_key_passphrase=secrets.sftp_private_key_passphrase,
+        known_hosts=_path(cfg.sftp_known_hosts),
+        host_key_sha256=cfg.sftp_host_key_sha256,
+        connect_timeout=cfg.sftp_connect_timeout_seconds,
+        operation_timeout=cfg.sftp_operation_timeout_seconds,
+        keepalive_interval=cfg.sftp_keepalive_seconds,
+        publish_mode=cfg.publish_mode,
+    )
+
+
+def sftp_connector(settings: Settings) -> Callable[[], SftpSession]:
+    options = sftp_options(settings)
+    outbox, sent = settings.config.remote_outbox, settings.config.remote_sent
+    assert outbox is not None
+
+    def connect() -> SftpSession:
+        session = SftpSession.connect(options)
+        try:
+            session.check_folders(outbox, sent)
+        except SftpError:
+            session.close()
+            raise
+        return session
+
+    return connect
+
+
+def field_keys(settings: Settings) -> FieldKeys:
+    cfg = settings.config
+    return FieldKeys(
+        invoice_number=cfg.field_invoice_number,
+        invoice_date=cfg.field_invoice_date,
+        currency=cfg.field_currency,
+        total=cfg.field_total,
+        supplier_code=cfg.field_supplier_code,
+        vendor_address_type=cfg.vendor_address_type,
+    )
+
+
+def push_plan(settings: Settings, *, drain: bool = False, max_invoices: int | None = None) -> PushPlan:
+    cfg = settings.config
+    assert cfg.remote_outbox is not None
+    return PushPlan(
+        connector_name=cfg.connector_name or "erp_push",
+        outbox=cfg.remote_outbox,
+        sent=cfg.remote_sent,
+        field_keys=field_keys(settings),
+        batch_size=cfg.batch_size,
+        lease_ttl_seconds=cfg.lease_ttl_seconds,
+        concurrency=cfg.concurrency,
+        drain=drain,
+        max_invoices=max_invoices,
+    )
+
+
+def _path(value: Path | str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+# --- push -----------------------------------------------------------------------------
+
+
+def push(
+    settings: Settings,
+    *,
+    drain: bool = False,
+    max_invoices: int | None = None,
+    nuntiq: NuntiqClient | None = None,
+    connect_sftp: Callable[[], SftpSession] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    on_claimed: Callable[[int], None] | None = None,
+) -> RunReport:
+    """One push run: recover what earlier runs left, then claim and deliver."""
+    client = nuntiq or nuntiq_client(settings)
+    journal = Journal(Path(settings.config.state_dir))
+    try:
+        return Pusher(
+            nuntiq=client,
+            connect_sftp=connect_sftp or sftp_connector(settings),
+            journal=journal,
+            plan=push_plan(settings, drain=drain, max_invoices=max_invoices),
+            on_outcome=on_outcome,
+            on_claimed=on_claimed,
+        ).run()
+    finally:
+        journal.close()
+        if nuntiq is None:
+            client.close()
+
+
+# --- dry-run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    invoice_token: str
+    invoice_number: str | None
+    file_name: str | None  # the name it would get (after collision suffixes)
+    collision: str | None = None  # what made the name differ from the rendered one
+    already_delivered: str | None = None  # path of an identical file already there
+    failure_code: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class DryRunReport:
+    lease_ttl_seconds: int
+    planned: list[PlannedFile] = field(default_factory=list)
+    sftp_checked: bool = False
+
+
+def dry_run(
+    settings: Settings,
+    *,
+    limit: int | None = None,
+    nuntiq: NuntiqClient | None = None,
+    connect_sftp: Callable[[], SftpSession] | None = None,
+    today: date | None = None,
+) -> DryRunReport:
+    """Show what the next push would take and the names its files would get.
+
+    Writes nothing on the SFTP server and never acknowledges or reports. It must lease to
+    look: those invoices are held for DRY_RUN_LEASE_TTL_SECONDS, then return to the queue.
+    """
+    client = nuntiq or nuntiq_client(settings)
+    plan = push_plan(settings)
+    today = today or datetime.now(UTC).date()
+    report = DryRunReport(lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS)
+    try:
+        leases = client.claim(
+            limit=limit or plan.batch_size, lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS
+        )
+        rendered: list[tuple[str, RenderedFile | RenderError]] = []
+        for lease in leases:
+            invoice = client.get_invoice(lease.invoice_token).invoice
+            try:
+                rendered.append(
+                    (lease.invoice_token, render_invoice(invoice, keys=plan.field_keys, today=today))
+                )
+            except RenderError as exc:
+                rendered.append((lease.invoice_token, exc))
+        if not rendered:
+            return report
+        session = (connect_sftp or sftp_connector(settings))()
+        report.sftp_checked = True
+        try:
+            for token, item in rendered:
+                report.planned.append(_plan_one(session, plan, token, item))
+        finally:
+            session.close()
+        return report
+    finally:
+        if nuntiq is None:
+            client.close()
+
+
+def _plan_one(
+    session: SftpSession, plan: PushPlan, token: str, item: RenderedFile | RenderError
+) -> PlannedFile:
+    if isinstance(item, RenderError):
+        return PlannedFile(token, None, None, failure_code=item.failure_code, message=str(item))
+    found = session.find_delivered(plan.outbox, plan.sent, item)
+    if found:
+        return PlannedFile(token, item.invoice_number, None, already_delivered=found)
+    name = session.free_name(plan.outbox, plan.sent, item.file_name)
+    collision = None if name == item.file_name else f"{item.file_name} is taken"
+    return PlannedFile(token, item.invoice_number, name, collision=collision)
+
+
+# --- render ---------------------------------------------------------------------------
+
+
+def render_one(
+    settings: Settings,
+    invoice_token: str,
+    *,
+    today: date | None = None,
+    nuntiq: NuntiqClient | None = None,
+) -> RenderedFile:
+    """Exactly the bytes push would upload for this invoice (the name before collisions)."""
+    client = nuntiq or nuntiq_client(settings)
+    try:
+        invoice = client.get_invoice(invoice_token).invoice
+        return render_invoice(
+            invoice, keys=field_keys(settings), today=today or datetime.now(UTC).date()
+        )
+    finally:
+        if nuntiq is None:
+            client.close()
+
+
+# --- cleanup-tmp ----------------------------------------------------------------------
+
+
+@dataclass
+class CleanupReport:
+    stale: list[RemoteFile] = field(default_factory=list)
+    removed: list[RemoteFile] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def cleanup_tmp(
+    settings: Settings,
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    connect_sftp: Callable[[], SftpSession] | None = None,
+) -> CleanupReport:
+    """List, and unless ``dry_run`` remove, erp-push's own stale tmp files in the outbox."""
+    outbox = settings.config.remote_outbox
+    assert outbox is not None
+    report = CleanupReport()
+    session = (connect_sftp or sftp_connector(settings))()
+    try:
+        report.stale = session.list_stale_tmp(outbox, older_than)
+        if not dry_run:
+            for remote in report.stale:
+                try:
+                    session.remove(remote.path)
+                    report.removed.append(remote)
+                except SftpError as exc:
+                    raise exc
+                except Exception as exc:  # one undeletable file should not stop the rest
+                    report.errors.append(f"{remote.path}: {exc}")
+        return report
+    finally:
+        session.close()
+
+
+__all__ = [
+    "CleanupReport",
+    "DryRunReport",
+    "NuntiqError",
+    "PlannedFile",
+    "cleanup_tmp",
+    "dry_run",
+    "push",
+    "render_one",
+]

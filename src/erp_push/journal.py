@@ -1,0 +1,310 @@
+"""The local journal: each invoice's progress, written durably before the next step.
+
+Nuntiq's lease model cannot tell us whether a file already reached the ERP: a lease that
+lapses sends an invoice back to the queue even after it was acknowledged (93 -> 91), and
+there is no renew call. The journal is our own memory of what happened, so that
+
+- a run that died is finished by the next one (acknowledge and report what landed),
+- an invoice claimed again after its lease lapsed is not uploaded a second time.
+
+One row per invoice token, in SQLite (WAL, synchronous=FULL: a row that was committed
+survives a crash of the process or the machine). Several push processes may share one
+journal; each holds an advisory lock on its own run file while it runs, so a later run
+can tell a dead run's rows (to be finished) from a live run's rows (hands off).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+
+from erp_push.models import Lease
+
+
+class Step(StrEnum):
+    """How far an invoice got. Ordered: each step is recorded before the next begins."""
+
+    CLAIMED = "claimed"
+    RENDERED = "rendered"  # file name and content hash known; upload may be under way
+    PUBLISHED = "published"  # the file is under its final name (remote_path)
+    FAILED = "failed"  # the invoice cannot be delivered; a failure is to be reported
+    ACKNOWLEDGED = "acknowledged"
+    REPORTED = "reported"  # Nuntiq has the result: nothing left to do
+
+
+@dataclass(frozen=True)
+class Entry:
+    invoice_token: str
+    lease_token: str
+    lease_expires_at: datetime
+    run_id: str
+    step: Step
+    invoice_number: str | None
+    file_name: str | None
+    sha256: str | None
+    remote_path: str | None
+    failure_code: str | None
+    failure_message: str | None
+    updated_at: datetime
+
+    @property
+    def delivered(self) -> bool:
+        """The file is known to be under its final name (maybe since moved to sent/)."""
+        return self.remote_path is not None
+
+    def lease_alive(self, now: datetime, margin: timedelta = timedelta(seconds=5)) -> bool:
+        return self.lease_expires_at - margin > now
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS invoices (
+    invoice_token    TEXT PRIMARY KEY,
+    lease_token      TEXT NOT NULL,
+    lease_expires_at TEXT NOT NULL,
+    run_id           TEXT NOT NULL,
+    step             TEXT NOT NULL,
+    invoice_number   TEXT,
+    file_name        TEXT,
+    sha256           TEXT,
+    remote_path      TEXT,
+    failure_code     TEXT,
+    failure_message  TEXT,
+    updated_at       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS invoices_open ON invoices (step) WHERE step != 'reported';
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Journal:
+    """SQLite journal in ``state_dir``. Safe to share between threads and processes."""
+
+    FILE_NAME = "journal.sqlite3"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "runs").mkdir(exist_ok=True)
+        self.path = state_dir / self.FILE_NAME
+        # One connection shared by this process's worker threads, serialised by SQLite's
+        # own mutex (check_same_thread=False); other processes wait on busy_timeout.
+        self._db = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.RLock()  # one transaction at a time on the shared connection
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._run_lock: IO[str] | None = None
+        self.run_id = uuid.uuid4().hex
+
+    # --- run ownership ----------------------------------------------------------------
+
+    def start_run(self) -> None:
+        """Hold this run's lock file until close(): a live lock marks our rows as taken."""
+        lock = open(self.state_dir / "runs" / f"{self.run_id}.lock", "w")  # noqa: SIM115
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        self._run_lock = lock
+
+    def run_is_alive(self, run_id: str) -> bool:
+        if run_id == self.run_id:
+            return True
+        path = self.state_dir / "runs" / f"{run_id}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False  # the run ended cleanly and removed its lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its process still holds the lock
+        else:
+            # The kernel released the lock when that process died (even on SIGKILL).
+            path.unlink(missing_ok=True)
+            return False
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._run_lock is not None:
+            Path(self._run_lock.name).unlink(missing_ok=True)
+            self._run_lock.close()  # releases the flock
+            self._run_lock = None
+        with self._lock:
+            self._db.close()
+
+    # --- reads ------------------------------------------------------------------------
+
+    def get(self, invoice_token: str) -> Entry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM invoices WHERE invoice_token = ?", (invoice_token,)
+            ).fetchone()
+        return _entry(row) if row else None
+
+    def unfinished(self) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM invoices WHERE step != 'reported' ORDER BY updated_at"
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    # --- writes: one committed row update per step ------------------------------------
+
+    def record_claim(self, lease: Lease) -> Entry:
+        """Take ``lease`` into this run. Evidence of an earlier delivery is kept.
+
+        If the invoice was delivered under an earlier lease that lapsed, its step stays
+        PUBLISHED (or later) and remote_path stays set: the pipeline then skips the upload.
+        """
+        with self._transaction():
+            prior = self.get(lease.invoice_token)
+            if prior is None:
+                self._db.execute(
+                    "INSERT INTO invoices (invoice_token, lease_token, lease_expires_at, run_id,"
+                    " step, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        lease.invoice_token,
+                        lease.lease_token,
+                        _iso(lease.lease_expires_at),
+                        self.run_id,
+                        Step.CLAIMED,
+                        _iso(_now()),
+                    ),
+                )
+            else:
+                # A delivered file stays delivered; anything before that starts over.
+                step = Step.PUBLISHED if prior.delivered else Step.CLAIMED
+                self._db.execute(
+                    "UPDATE invoices SET lease_token = ?, lease_expires_at = ?, run_id = ?,"
+                    " step = ?, failure_code = NULL, failure_message = NULL, updated_at = ?"
+                    " WHERE invoice_token = ?",
+                    (
+                        lease.lease_token,
+                        _iso(lease.lease_expires_at),
+                        self.run_id,
+                        step,
+                        _iso(_now()),
+                        lease.invoice_token,
+                    ),
+                )
+        entry = self.get(lease.invoice_token)
+        assert entry is not None
+        return entry
+
+    def adopt(self, entry: Entry) -> Entry | None:
+        """Take over a dead run's row. None if another live run got there first."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE invoices SET run_id = ?, updated_at = ?"
+                " WHERE invoice_token = ? AND run_id = ?",
+                (self.run_id, _iso(_now()), entry.invoice_token, entry.run_id),
+            )
+        return self.get(entry.invoice_token) if cur.rowcount == 1 else None
+
+    def record_rendered(
+        self, invoice_token: str, *, invoice_number: str, file_name: str, sha256: str
+    ) -> None:
+        self._update(
+            invoice_token,
+            step=Step.RENDERED,
+            invoice_number=invoice_number,
+            sha256=sha256,
+            file_name=file_name,
+        )
+
+    def record_published(self, invoice_token: str, remote_path: str) -> None:
+        self._update(invoice_token, step=Step.PUBLISHED, remote_path=remote_path)
+
+    def record_failed(
+        self,
+        invoice_token: str,
+        failure_code: str,
+        failure_message: str,
+        invoice_number: str | None = None,
+    ) -> None:
+        fields: dict[str, str | None] = {
+            "step": Step.FAILED,
+            "failure_code": failure_code,
+            "failure_message": failure_message,
+        }
+        if invoice_number is not None:
+            fields["invoice_number"] = invoice_number
+        self._update(invoice_token, **fields)
+
+    def record_acknowledged(self, invoice_token: str) -> None:
+        self._update(invoice_token, step=Step.ACKNOWLEDGED)
+
+    def record_reported(self, invoice_token: str) -> None:
+        self._update(invoice_token, step=Step.REPORTED)
+
+    def forget(self, invoice_token: str) -> None:
+        """Drop a row whose invoice is no longer ours (e.g. another system finished it)."""
+        with self._lock:
+            self._db.execute("DELETE FROM invoices WHERE invoice_token = ?", (invoice_token,))
+
+    def prune(self, older_than: timedelta = timedelta(days=90)) -> int:
+        """Forget finished invoices after a while; unfinished ones are kept forever."""
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM invoices WHERE step = 'reported' AND updated_at < ?",
+                (_iso(_now() - older_than),),
+            )
+        return cur.rowcount
+
+    # --- internals --------------------------------------------------------------------
+
+    def _update(self, invoice_token: str, **fields: str | None) -> None:
+        fields["updated_at"] = _iso(_now())
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(
+                f"UPDATE invoices SET {assignments} WHERE invoice_token = ?",  # names are ours
+                (*fields.values(), invoice_token),
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _entry(row: tuple[object, ...]) -> Entry:
+    (token, lease, expires, run_id, step, number, name, sha, path, code, message, updated) = row
+    return Entry(
+        invoice_token=str(token),
+        lease_token=str(lease),
+        lease_expires_at=datetime.fromisoformat(str(expires)),
+        run_id=str(run_id),
+        step=Step(str(step)),
+        invoice_number=None if number is None else str(number),
+        file_name=None if name is None else str(name),
+        sha256=None if sha is None else str(sha),
+        remote_path=None if path is None else str(path),
+        failure_code=None if code is None else str(code),
+        failure_message=None if message is None else str(message),
+        updated_at=datetime.fromisoformat(str(updated)),
+    )

@@ -1,0 +1,478 @@
+"""The order of steps for each invoice, recovery of earlier runs, and concurrency.
+
+    claim ─► get ─► render ─► publish (SFTP) ─► acknowledge ─► report result
+                                  │
+           each step is written to the journal before the next begins
+
+Guarantees this module is responsible for (see README, "Guarantees"):
+
+- Nothing stuck: every claimed invoice ends reported (100 or 97), or stays in the journal
+  as unfinished, and a later run finishes it: a dead run's invoices with a live lease are
+  resumed at the start of the next run; an invoice whose lease lapsed comes back through
+  claim and is finished from the journal's evidence without a second upload.
+- No duplicates: the upload is skipped when the journal, or an identical file in the
+  outbox or sent folder, proves the invoice was delivered before.
+- Fast when idle: the first claim asks for a single invoice, and SFTP is only contacted
+  once there is something to deliver. That same probe means an unreachable SFTP server
+  leaves at most one invoice waiting for its lease to lapse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+
+from erp_push.claim import NuntiqClient
+from erp_push.errors import (
+    ErpPushError,
+    InvalidTransition,
+    LeaseExpired,
+    NuntiqAuthError,
+    NuntiqError,
+    RenderError,
+    SftpError,
+    SftpOperationError,
+    SftpUnreachable,
+)
+from erp_push.journal import Entry, Journal, Step
+from erp_push.models import Lease
+from erp_push.render import FieldKeys, RenderedFile, render_invoice
+from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
+from erp_push.transport import Delivery, SftpSession
+
+log = logging.getLogger("erp_push.pipeline")
+
+DELTA_STREAM = "pushed_invoices"
+# An invoice is only started when its lease has at least this long left: an upload that
+# outlives its lease could be delivered twice (another run may claim it meanwhile).
+LEASE_SAFETY_MARGIN = timedelta(seconds=30)
+# Statuses that mean someone finished the invoice: 100 Processed, 97 IntegrationFailed.
+FINISHED_STATUSES = {100, 97}
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What one `erp-push push` does; built from settings and command-line options."""
+
+    connector_name: str
+    outbox: str
+    sent: str | None
+    field_keys: FieldKeys
+    batch_size: int = 20
+    lease_ttl_seconds: int = 600
+    concurrency: int = 4
+    drain: bool = False
+    max_invoices: int | None = None
+
+
+class RunStopped(Exception):
+    """Raised inside a worker to stop the whole run (server unreachable, key refused)."""
+
+    def __init__(self, error: ErpPushError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# --- test-only crash points -----------------------------------------------------------
+
+_KILL_AT = os.environ.get("_ERP_PUSH_KILL_AT")  # crash tests only; never set in production
+
+
+def crash_point(step: str) -> None:
+    """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup)."""
+    if _KILL_AT == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- SFTP sessions: one per worker, opened only when needed ---------------------------
+
+
+class SessionPool:
+    """Hands each worker its own SFTP session (paramiko's client is not thread-safe).
+
+    Sessions are opened lazily, so a run that has nothing to upload never logs in.
+    """
+
+    def __init__(self, connect: Callable[[], SftpSession]) -> None:
+        self._connect = connect
+        self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
+        self._all: list[SftpSession] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def session(self) -> Iterator[SftpSession]:
+        try:
+            session = self._idle.get_nowait()
+        except queue.Empty:
+            session = self._open()
+        try:
+            yield session
+        except SftpUnreachable:
+            self._discard(session)  # a broken connection is never reused
+            raise
+        else:
+            self._idle.put(session)
+
+    def warm_up(self) -> None:
+        """Open one session now, so an unreachable server is found before claiming more."""
+        with self.session():
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._all = self._all, []
+        for s in sessions:
+            s.close()
+
+    def _open(self) -> SftpSession:
+        session = self._connect()
+        with self._lock:
+            self._all.append(session)
+        return session
+
+    def _discard(self, session: SftpSession) -> None:
+        with self._lock:
+            if session in self._all:
+                self._all.remove(session)
+        session.close()
+
+
+# --- one invoice ----------------------------------------------------------------------
+
+
+class InvoiceWorker:
+    """Delivers one leased invoice. Stateless apart from the shared clients and journal."""
+
+    def __init__(
+        self,
+        *,
+        nuntiq: NuntiqClient,
+        sessions: SessionPool,
+        journal: Journal,
+        plan: PushPlan,
+        today: date,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self.nuntiq = nuntiq
+        self.sessions = sessions
+        self.journal = journal
+        self.plan = plan
+        self.today = today
+        self.fault = fault
+
+    def deliver(self, lease: Lease, entry: Entry) -> Outcome:
+        """Take ``lease`` from wherever the journal says it got to, to a reported result."""
+        token = lease.invoice_token
+        try:
+            if entry.step is Step.FAILED:
+                outcome = self._failure(entry, entry.failure_code, entry.failure_message)
+            elif entry.delivered:
+                assert entry.remote_path is not None
+                outcome = Outcome(
+                    token, Result.ALREADY_DELIVERED, entry.invoice_number, entry.remote_path
+                )
+            else:
+                outcome = self._upload(lease, entry)
+            return self._finish(lease, outcome)
+        except (NuntiqAuthError, SftpError) as exc:
+            raise RunStopped(exc) from exc
+
+    def _upload(self, lease: Lease, entry: Entry) -> Outcome:
+        token = lease.invoice_token
+        if lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC):
+            return Outcome(token, Result.PENDING, entry.invoice_number, message="lease too close to expiry")
+        detail = self.nuntiq.get_invoice(token)
+        crash_point("fetched")
+        try:
+            file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
+        except RenderError as exc:
+            self.journal.record_failed(token, exc.failure_code, str(exc))
+            return Outcome(token, Result.FAILED, None, failure_code=exc.failure_code, message=str(exc))
+        self.journal.record_rendered(
+            token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
+        )
+        try:
+            delivery = self._publish(file, earlier_name=entry.file_name)
+        except SftpOperationError as exc:
+            self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
+            return Outcome(
+                token, Result.FAILED, file.invoice_number,
+                failure_code=exc.failure_code, message=truncate(str(exc)),
+            )
+        self.journal.record_published(token, delivery.remote_path)
+        crash_point("published_recorded")
+        result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
+        return Outcome(token, result, file.invoice_number, delivery.remote_path)
+
+    def _publish(self, file: RenderedFile, *, earlier_name: str | None) -> Delivery:
+        """Publish ``file``, once: after a dropped connection, look before uploading again."""
+        outbox, sent = self.plan.outbox, self.plan.sent
+        # A crash after an earlier run published, but before it journaled, on another
+        # day: the identical file sits under the earlier day's name.
+        if earlier_name and earlier_name != file.file_name:
+            with self.sessions.session() as sftp:
+                found = sftp.find_delivered(outbox, sent, replace(file, file_name=earlier_name))
+            if found:
+                return Delivery(remote_path=found, already_delivered=True)
+        try:
+            with self.sessions.session() as sftp:
+                return sftp.publish(outbox, sent, file, fault=self.fault)
+        except SftpUnreachable as exc:
+            # The server may have published before the connection dropped: a fresh
+            # session checks for our identical file first, and only then uploads.
+            log.warning("SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc)
+            with self.sessions.session() as sftp:
+                found = sftp.find_delivered(outbox, sent, file)
+                if found:
+                    return Delivery(remote_path=found, already_delivered=True)
+                return sftp.publish(outbox, sent, file, fault=self.fault)
+
+    def _failure(self, entry: Entry, code: str | None, message: str | None) -> Outcome:
+        return Outcome(
+            entry.invoice_token, Result.FAILED, entry.invoice_number,
+            failure_code=code or "UNKNOWN_FAILURE", message=message,
+        )
+
+    def _finish(self, lease: Lease, outcome: Outcome) -> Outcome:
+        """Acknowledge, then report. Any Nuntiq trouble leaves the journal to finish later."""
+        if outcome.result is Result.PENDING:
+            return outcome
+        token, lease_token = lease.invoice_token, lease.lease_token
+        try:
+            self.nuntiq.acknowledge(token, lease_token)
+            self.journal.record_acknowledged(token)
+            crash_point("acknowledged")
+            self.nuntiq.report_result(token, lease_token, integration_result_for(outcome))
+            self.journal.record_reported(token)
+            crash_point("reported")
+            return outcome
+        except InvalidTransition:
+            return self._settle_conflict(outcome)
+        except LeaseExpired:
+            return replace(
+                outcome, result=Result.PENDING,
+                message="lease lapsed before the result was reported; the next run finishes it",
+            )
+        except NuntiqAuthError:
+            raise
+        except NuntiqError as exc:
+            log.warning("could not finish %s with Nuntiq: %s", token, exc)
+            return replace(
+                outcome, result=Result.PENDING,
+                message=f"Nuntiq did not take the result ({exc}); the next run finishes it",
+            )
+
+    def _settle_conflict(self, outcome: Outcome) -> Outcome:
+        """Nuntiq refused the transition: find out whether the invoice is still ours."""
+        token = outcome.invoice_token
+        status = self.nuntiq.get_invoice(token).invoice.status
+        if status in FINISHED_STATUSES:
+            self.journal.record_reported(token)  # someone else finished it; nothing to do
+        else:
+            self.journal.forget(token)  # e.g. 95/96/98: not ours to touch
+        return replace(
+            outcome, result=Result.PENDING if status not in FINISHED_STATUSES else outcome.result,
+            message=f"Nuntiq reports status {status}; left as it is",
+        )
+
+
+# --- a whole run ----------------------------------------------------------------------
+
+
+class Pusher:
+    """One `erp-push push`: recover earlier runs, then claim and deliver batches."""
+
+    def __init__(
+        self,
+        *,
+        nuntiq: NuntiqClient,
+        connect_sftp: Callable[[], SftpSession],
+        journal: Journal,
+        plan: PushPlan,
+        today: date | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        on_claimed: Callable[[int], None] | None = None,
+        fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self.nuntiq = nuntiq
+        self.journal = journal
+        self.plan = plan
+        self.sessions = SessionPool(connect_sftp)
+        self.worker = InvoiceWorker(
+            nuntiq=nuntiq, sessions=self.sessions, journal=journal, plan=plan,
+            today=today or datetime.now(UTC).date(), fault=fault,
+        )
+        self.on_outcome = on_outcome or (lambda _o: None)
+        self.on_claimed = on_claimed or (lambda _n: None)
+        self.report = RunReport(command="push")
+        self._stop: ErpPushError | None = None
+
+    def run(self) -> RunReport:
+        self.journal.start_run()
+        self._delta_begin()
+        try:
+            with ThreadPoolExecutor(max_workers=self.plan.concurrency) as pool:
+                self._pool = pool
+                self._recover()
+                if self._stop is None:
+                    self._claim_and_deliver()
+        finally:
+            self.sessions.close()
+        self.report.error = self._stop
+        self.report.finish()
+        self._delta_end()
+        return self.report
+
+    # --- run bookkeeping on the delta stream: observability only, never fatal ----------
+
+    def _delta_begin(self) -> None:
+        self._delta_started = self._delta_call(
+            "begin", lambda: self.nuntiq.delta_begin(self.plan.connector_name, DELTA_STREAM)
+        )
+
+    def _delta_end(self) -> None:
+        if not self._delta_started:
+            return
+        connector, report = self.plan.connector_name, self.report
+        if report.error is not None:
+            summary = truncate(f"{type(report.error).__name__}: {report.error}")
+            self._delta_call("fail", lambda: self.nuntiq.delta_fail(connector, DELTA_STREAM, summary))
+            return
+        cursor = (report.finished_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        metadata = {
+            "claimed": report.claimed,
+            "recovered": report.recovered,
+            **{r.value: report.count(r) for r in Result},
+            "remote_outbox": self.plan.outbox,
+        }
+        self._delta_call("complete", lambda: self.nuntiq.delta_complete(
+            connector, DELTA_STREAM, new_cursor_value=cursor,
+            records_processed=len(report.outcomes), metadata=metadata,
+        ))
+
+    def _delta_call(self, what: str, call: Callable[[], object]) -> bool:
+        try:
+            call()
+            return True
+        except NuntiqError as exc:
+            log.warning("delta stream %s %s failed (deliveries are unaffected): %s",
+                        DELTA_STREAM, what, exc)
+            return False
+
+    # --- recovery -----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Finish what dead runs left while their leases are still alive."""
+        pruned = self.journal.prune()
+        if pruned:
+            log.info("journal: forgot %d invoices finished long ago", pruned)
+        now = datetime.now(UTC)
+        resumable: list[tuple[Lease, Entry]] = []
+        for entry in self.journal.unfinished():
+            if self.journal.run_is_alive(entry.run_id) or not entry.lease_alive(now):
+                continue  # another run is on it, or it comes back to us through claim
+            adopted = self.journal.adopt(entry)
+            if adopted is not None:
+                lease = Lease(
+                    invoice_token=adopted.invoice_token,
+                    lease_token=adopted.lease_token,
+                    lease_expires_at=adopted.lease_expires_at,
+                )
+                resumable.append((lease, adopted))
+        if not resumable:
+            return
+        log.info("recovering %d invoice(s) left unfinished by an earlier run", len(resumable))
+        for outcome in self._deliver_all(resumable):
+            if outcome.result is Result.PENDING and "lease lapsed" in (outcome.message or ""):
+                continue  # it returns through claim in this or a later run
+            self.report.recovered += 1
+            self._record(outcome)
+
+    # --- claiming -----------------------------------------------------------------------
+
+    def _claim_and_deliver(self) -> None:
+        # One batch, or with --drain batches until the queue is empty; never more than
+        # --max-invoices in all.
+        budget = self.plan.max_invoices if self.plan.drain else self.plan.batch_size
+        if self.plan.max_invoices is not None:
+            budget = min(budget or self.plan.max_invoices, self.plan.max_invoices)
+        first = True
+        while self._stop is None:
+            left = None if budget is None else budget - self.report.claimed
+            limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
+            if limit <= 0:
+                break
+            if first:
+                # A probe of one: idle runs stay fast and never log in to SFTP, and an
+                # unreachable SFTP server strands at most this one lease.
+                limit = 1
+            leases = self._claim(limit)
+            if not leases:
+                break
+            if first:
+                first = False
+                if not self._warm_up_sftp(leases):
+                    break
+            entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
+            crash_point("claimed")
+            for outcome in self._deliver_all(entries):
+                self._record(outcome)
+
+    def _claim(self, limit: int) -> list[Lease]:
+        try:
+            leases = self.nuntiq.claim(limit=limit, lease_ttl_seconds=self.plan.lease_ttl_seconds)
+        except NuntiqError as exc:
+            self._stop = exc
+            return []
+        self.report.claimed += len(leases)
+        self.on_claimed(len(leases))
+        return leases
+
+    def _warm_up_sftp(self, leases: list[Lease]) -> bool:
+        try:
+            self.sessions.warm_up()
+            return True
+        except SftpError as exc:
+            self._stop = exc
+            for lease in leases:
+                self._record(Outcome(
+                    lease.invoice_token, Result.PENDING,
+                    message="SFTP unreachable; claimable again when its lease lapses",
+                ))
+            return False
+
+    def _deliver_all(self, work: list[tuple[Lease, Entry]]) -> Iterator[Outcome]:
+        futures = [self._pool.submit(self._deliver_one, lease, entry) for lease, entry in work]
+        for future in futures:
+            yield future.result()
+
+    def _deliver_one(self, lease: Lease, entry: Entry) -> Outcome:
+        if self._stop is not None:
+            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
+                           message=f"run stopped: {self._stop}")
+        try:
+            return self.worker.deliver(lease, entry)
+        except RunStopped as stop:
+            self._stop = self._stop or stop.error
+            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
+                           message=f"run stopped: {stop.error}")
+        except NuntiqError as exc:
+            # get_invoice failed after its retries: the lease lapses and it comes back.
+            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
+                           message=f"Nuntiq: {exc}")
+        except Exception as exc:  # a bug must not lose the batch: journal keeps the state
+            log.exception("unexpected error delivering %s", lease.invoice_token)
+            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
+                           message=f"unexpected error: {type(exc).__name__}")
+
+    def _record(self, outcome: Outcome) -> None:
+        self.report.add(outcome)
+        self.on_outcome(outcome)

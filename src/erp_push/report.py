@@ -1,0 +1,163 @@
+"""Per-invoice outcomes, what they mean for Nuntiq, and the run summary for people and tools.
+
+stdout is data, stderr is for people: ``--json`` writes exactly one JSON document to stdout;
+the rich table goes to stderr so a cron job can pipe the JSON and still log the table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from erp_push.errors import ErpPushError, ExitCode
+from erp_push.models import IntegrationResult
+
+FAILURE_MESSAGE_MAX = 500  # Nuntiq's limit for failure_message [contract]
+DELIVERED_MESSAGE = "SFTP_DELIVERED"
+
+
+class Result(StrEnum):
+    DELIVERED = "delivered"  # file published by this run, reported as success
+    ALREADY_DELIVERED = "already_delivered"  # proof of an earlier delivery; reported as success
+    FAILED = "failed"  # reported to Nuntiq as IntegrationFailed (97)
+    PENDING = "pending"  # not finished; the journal keeps it and the next run completes it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    invoice_token: str
+    result: Result
+    invoice_number: str | None = None
+    remote_path: str | None = None
+    failure_code: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result in (Result.DELIVERED, Result.ALREADY_DELIVERED)
+
+
+def integration_result_for(outcome: Outcome) -> IntegrationResult:
+    """What Nuntiq is told about one finished invoice."""
+    if outcome.ok:
+        assert outcome.remote_path is not None
+        return IntegrationResult.delivered(outcome.remote_path, DELIVERED_MESSAGE)
+    assert outcome.failure_code is not None
+    return IntegrationResult.failed(
+        outcome.failure_code, truncate(outcome.message or outcome.failure_code)
+    )
+
+
+def truncate(text: str, limit: int = FAILURE_MESSAGE_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class RunReport:
+    """Everything one command run did. ``error`` is set when the run stopped early."""
+
+    command: str
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+    claimed: int = 0
+    recovered: int = 0  # unfinished invoices of earlier runs that this run completed
+    outcomes: list[Outcome] = field(default_factory=list)
+    error: ErpPushError | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def count(self, result: Result) -> int:
+        return sum(1 for o in self.outcomes if o.result is result)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.error is not None:
+            return self.error.exit_code
+        if any(not o.ok for o in self.outcomes):
+            return ExitCode.SOME_FAILED
+        return ExitCode.OK
+
+    def finish(self) -> RunReport:
+        self.finished_at = datetime.now(UTC)
+        return self
+
+    # --- output ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at) if self.finished_at else None,
+            "exit_code": int(self.exit_code),
+            "claimed": self.claimed,
+            "recovered": self.recovered,
+            "counts": {r.value: self.count(r) for r in Result},
+            "error": _error_dict(self.error),
+            "notes": self.notes,
+            "invoices": [
+                {k: (v.value if isinstance(v, Result) else v) for k, v in asdict(o).items()}
+                for o in self.outcomes
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+
+    def render_table(self, console: Console) -> None:
+        if self.outcomes:
+            table = Table(title=f"erp-push {self.command}", title_justify="left")
+            table.add_column("invoice")
+            table.add_column("result")
+            table.add_column("remote file / failure")
+            for o in self.outcomes:
+                style = {
+                    Result.DELIVERED: "green",
+                    Result.ALREADY_DELIVERED: "cyan",
+                    Result.FAILED: "red",
+                    Result.PENDING: "yellow",
+                }[o.result]
+                detail = o.remote_path or f"{o.failure_code or ''} {o.message or ''}".strip()
+                table.add_row(
+                    o.invoice_number or o.invoice_token,
+                    f"[{style}]{o.result.value}[/{style}]",
+                    detail,
+                )
+            console.print(table)
+        console.print(self.summary_line())
+        for note in self.notes:
+            console.print(f"[dim]note:[/dim] {note}")
+
+    def summary_line(self) -> str:
+        parts = [
+            f"{self.count(Result.DELIVERED)} delivered",
+            f"{self.count(Result.ALREADY_DELIVERED)} already delivered",
+            f"{self.count(Result.FAILED)} failed",
+        ]
+        if pending := self.count(Result.PENDING):
+            parts.append(f"{pending} pending (the next run finishes them)")
+        if self.recovered:
+            parts.append(f"{self.recovered} recovered from an earlier run")
+        return f"{self.claimed} claimed: " + ", ".join(parts)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _error_dict(error: ErpPushError | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {
+        "type": type(error).__name__,
+        "message": error.message,
+        "exit_code": int(error.exit_code),
+        "hint": error.hint,
+    }

@@ -68,9 +68,12 @@ class NuntiqError(ErpPushError):
 
     ``status`` is the HTTP status (None when no response arrived), ``code`` the
     machine code from the ``error`` field of the body (e.g. ``LEASE_EXPIRED``).
+    ``attempts`` is how many times the request was sent before giving up (0 when it was
+    refused locally, before sending).
     """
 
     exit_code = ExitCode.NUNTIQ
+    attempts: int = 1
 
     def __init__(
         self,
@@ -94,6 +97,17 @@ class NuntiqTransientError(NuntiqError):
 
 class NuntiqUnavailable(NuntiqTransientError):
     """No HTTP response at all (DNS, refused, reset, timeout)."""
+
+
+class NuntiqServerError(NuntiqTransientError):
+    """500 or another 5xx outside the contract's retry list (429/502/503/504).
+
+    Not retried within the call: a 500 may be a deterministic server bug for this very
+    request, and repeating it at once only adds load. Still ``transient`` because nothing
+    on our side is wrong: a later run may well succeed, so no invoice is failed for it.
+    """
+
+    hint = "Nuntiq reported an internal error; the next run will try again."
 
 
 class NuntiqFatalError(NuntiqError):
@@ -128,6 +142,14 @@ class InvalidTransition(NuntiqConflict):
 
 class NuntiqProtocolError(NuntiqFatalError):
     """A 2xx response whose body does not match the contract."""
+
+
+class NuntiqRequestInvalid(NuntiqValidationError):
+    """Refused locally, before anything was sent: the request breaks a contract limit.
+
+    ``status`` is None (no request was made); ``code`` is ``VALIDATION_ERROR``, as the
+    server would have answered.
+    """
 
 
 # --- SFTP -----------------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""Invoice → the exact file the ERP reads. Pure functions: no I/O, no clock, no settings.
+
+The format is the seed's: UTF-8 with a BOM, tab-separated, LF line ends, one header row
+and one data row::
+
+    invoice_number<TAB>date<TAB>currency<TAB>total<TAB>supplier_code<TAB>line_count<LF>
+    INV-1<TAB>2024-03-05<TAB>EUR<TAB>12.10<TAB>ACME<TAB>3<LF>
+
+Values are written as Nuntiq sent them (trimmed); nothing is quoted or escaped. Anything
+that would need escaping (tab, CR, LF, other control characters) fails the invoice with
+RENDER_UNSAFE_VALUE instead, because the ERP's reader is plain TSV and would split or
+shift columns. Same invoice and same ``today`` → same bytes, so a re-delivered file can
+be recognised by its sha256.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import unicodedata
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from erp_push.errors import RenderError
+from erp_push.models import Invoice
+
+HEADER = ("invoice_number", "date", "currency", "total", "supplier_code", "line_count")
+BOM = "\ufeff"  # the ERP's finance users open these files in Excel, which needs it for UTF-8
+
+# Whole file name, in UTF-8 bytes. Most file systems allow 255; erp-push may add a
+# collision suffix ("-12") and, while uploading, ".<8 hex>.erp-push.tmp" (≈ 30 bytes), so
+# 200 leaves room for both.
+MAX_FILE_NAME_BYTES = 200
+
+# Failure codes reported to Nuntiq for an invoice that cannot be rendered.
+RENDER_MISSING_FIELD = "RENDER_MISSING_FIELD"
+RENDER_UNSAFE_VALUE = "RENDER_UNSAFE_VALUE"
+RENDER_INVALID_VALUE = "RENDER_INVALID_VALUE"
+
+# Control and format characters (Cc, Cf), line/paragraph separators (Zl, Zp: U+2028,
+# U+2029, which some readers treat as line ends) and lone surrogates (Cs: not encodable
+# as UTF-8). Cf has no exceptions: bidi overrides can make a value read differently from
+# what it is, and zero-width characters make two equal-looking codes differ.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+@dataclass(frozen=True)
+class FieldKeys:
+    """Template keys of the customer's invoice template (from settings.config)."""
+
+    invoice_number: str = "invoiceNumber"
+    invoice_date: str = "invoiceDate"
+    currency: str = "currencyCode"
+    total: str = "grossAmount"
+    supplier_code: str = "supplierCode"
+    vendor_address_type: str = "vendor"
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    file_name: str  # "<safe number>-<YYYYMMDD>.csv"
+    body: bytes  # exact bytes to upload
+    invoice_number: str  # as written in the file (trimmed)
+    sha256: str  # hex digest of body
+
+
+def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> RenderedFile:
+    """Render one invoice. ``today`` is the UTC date of the push (it is in the file name).
+
+    Raises RenderError (RENDER_MISSING_FIELD, RENDER_UNSAFE_VALUE, RENDER_INVALID_VALUE);
+    it concerns this invoice only.
+    """
+    number = _cell(invoice.field(keys.invoice_number), keys.invoice_number)
+    if not number:
+        raise RenderError(
+            f"the invoice has no invoice number (template field {keys.invoice_number!r})",
+            failure_code=RENDER_MISSING_FIELD,
+        )
+    row = {
+        "invoice_number": number,
+        "date": _cell(invoice.field(keys.invoice_date), keys.invoice_date),
+        "currency": _cell(invoice.field(keys.currency), keys.currency),
+        "total": _cell(invoice.field(keys.total), keys.total),
+        "supplier_code": _supplier_code(invoice, keys),
+        "line_count": str(invoice.line_count),
+    }
+    for column, value in row.items():
+        _reject_unsafe(value, column)
+    body = _tsv_bytes([list(HEADER), [row[column] for column in HEADER]])
+    return RenderedFile(
+        file_name=file_name_for(number, today),
+        body=body,
+        invoice_number=number,
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+# --- values ---------------------------------------------------------------------------
+
+
+def _supplier_code(invoice: Invoice, keys: FieldKeys) -> str:
+    code = _cell(invoice.field(keys.supplier_code), keys.supplier_code)
+    if code:
+        return code
+    vendor = invoice.address(keys.vendor_address_type)
+    if vendor is None:
+        return ""
+    return _cell(vendor.address_name, f"{keys.vendor_address_type} address_name")
+
+
+def _cell(value: Any, field: str) -> str:
+    """One value as the exact text to write; None → empty cell.
+
+    Money may arrive as a number or a string: numbers are written without float noise
+    (12.1, not 12.0999…), strings as given. Dates (already parsed) become YYYY-MM-DD;
+    date strings are written as Nuntiq sent them.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        # Only spaces: a tab or line break at either end must fail, not vanish silently.
+        return value.strip(" ")
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        raise _invalid(field, "is true/false, not a value the ERP can read")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float | Decimal):
+        return _number_text(value, field)
+    if isinstance(value, datetime):  # before date: datetime is a date subclass
+        return value.date().isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    raise _invalid(field, f"is a {type(value).__name__}, not a single value")
+
+
+def _number_text(value: float | Decimal, field: str) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid(field, "is not a finite number")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise _invalid(field, "is not a finite number")
+    # repr() of a float is the shortest text that round-trips (12.1 → "12.1"); format "f"
+    # avoids exponents (1e+20 → "100000000000000000000").
+    exact = Decimal(repr(value)) if isinstance(value, float) else value
+    return format(exact, "f")
+
+
+def _invalid(field: str, why: str) -> RenderError:
+    return RenderError(f"field {field!r} {why}", failure_code=RENDER_INVALID_VALUE)
+
+
+def _reject_unsafe(value: str, column: str) -> None:
+    # Values are never quoted, because quoting would change what the ERP reads. So a
+    # character that ends a cell or a line must fail the invoice, never be written.
+    #
+    # Values starting with = + - @ are NOT altered: the reader is an ERP import, not a
+    # spreadsheet, and a prefix or quotes would corrupt data such as the total -12.50.
+    for position, char in enumerate(value, start=1):
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES:
+            raise RenderError(
+                f"column {column} contains the control character U+{ord(char):04X} at "
+                f"position {position}; the ERP's tab-separated reader would misread it",
+                failure_code=RENDER_UNSAFE_VALUE,
+            )
+
+
+def _tsv_bytes(rows: list[list[str]]) -> bytes:
+    buffer = io.StringIO()
+    buffer.write(BOM)
+    # QUOTE_NONE with no quote character: a '"' is an ordinary character, and since every
+    # tab and line break was rejected above, nothing needs escaping (csv raises if it did).
+    writer = csv.writer(
+        buffer, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, quotechar=None
+    )
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+# --- file name ------------------------------------------------------------------------
+
+_HASH_HEX = 8
+
+
+def file_name_for(invoice_number: str, today: date) -> str:
+    """``<safe number>-<YYYYMMDD>.csv``, at most MAX_FILE_NAME_BYTES bytes of UTF-8.
+
+    Only ASCII letters, digits, '-' and '_' are kept; everything else becomes '_', so
+    '../etc/passwd' is '___etc_passwd' and can never leave the outbox. Non-ASCII letters
+    are replaced too (the seed keeps them): SFTP servers on Windows store names in a code
+    page and mangle them, some file systems normalise é to e + ◌́ (NFD), which makes the
+    "is this name taken?" lookup miss, and case-insensitive comparison of non-ASCII
+    names differs between servers. The number itself is in the file, unchanged.
+
+    A number too long for the bound is cut and gets '_' + 8 hex of its sha256, so two
+    long numbers sharing a prefix still get different names.
+    """
+    suffix = f"-{today:%Y%m%d}.csv"
+    safe = "".join(c if _is_safe_name_char(c) else "_" for c in invoice_number)
+    room = MAX_FILE_NAME_BYTES - len(suffix)  # ASCII only: characters == bytes
+    if len(safe) > room:
+        digest = hashlib.sha256(invoice_number.encode("utf-8", "surrogatepass")).hexdigest()
+        safe = safe[: room - 1 - _HASH_HEX] + "_" + digest[:_HASH_HEX]
+    return safe + suffix
+
+
+def _is_safe_name_char(char: str) -> bool:
+    return char.isascii() and (char.isalnum() or char in "-_")

@@ -1,0 +1,237 @@
+"""An asyncssh SFTP server over a local directory, with deliberately odd behaviours.
+
+Real SFTP servers disagree about the one operation erp-push depends on most: what a
+rename does when the target exists. ``QuirkyServer`` serves a chrooted temp directory
+and can imitate each family of behaviour (``quirk``):
+
+- ``normal``: asyncssh's own: plain rename refuses an existing target ("File already
+  exists"; check-then-rename, not atomic), posix-rename overwrites, hardlink works.
+- ``rename_overwrites``: plain rename silently replaces the target (SFTPGo,
+  pytest-sftpserver, several Windows servers).
+- ``generic_failure``: rename onto an existing name fails with a bare FX_FAILURE
+  (OpenSSH), so the client cannot tell "exists" from any other failure.
+- ``no_posix_rename``: the posix-rename extension is refused as unsupported.
+- ``no_rename``: rename, posix-rename and hardlink are all permission denied.
+- ``instant_pickup``: the ERP: a file appearing under a final ``.csv`` name in the
+  outbox is moved into ``sent/`` before the client even gets the reply.
+- ``drop_after_rename``: the rename (or hardlink) happens, then the connection is cut
+  before the reply is sent; once per server.
+- ``permission_denied_write``: opening any file for writing is permission denied.
+- ``disk_full``: writes fail with FX_FAILURE "No space left on device" once the
+  server has taken ``disk_full_after`` bytes.
+
+``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
+advertises its extensions per class, not per server, so it is still *listed*; the client
+must cope with an advertised extension that fails anyway, which real servers also do
+(filesystems without hard links).
+
+The server runs on an event loop owned by ``LoopThread``, so synchronous tests and
+paramiko clients can talk to it from the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncssh
+from asyncssh.constants import FXF_WRITE
+
+QUIRKS = (
+    "normal",
+    "rename_overwrites",
+    "generic_failure",
+    "no_posix_rename",
+    "no_rename",
+    "instant_pickup",
+    "drop_after_rename",
+    "permission_denied_write",
+    "disk_full",
+)
+
+OUTBOX = "outbox"
+SENT = "outbox/sent"
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    root: Path
+    user: str
+    password: str
+    quirk: str = "normal"
+    hardlink: bool = True
+    disk_full_after: int = 16
+    client_keys: list[asyncssh.SSHKey] = field(default_factory=list)
+    # mutable state shared by all sessions of one server
+    dropped: bool = False
+    bytes_written: int = 0
+    connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
+
+
+class _Auth(asyncssh.SSHServer):
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._config.connections.append(conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # always ask for credentials
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return username == self._config.user and password == self._config.password
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        wanted = key.public_data
+        return username == self._config.user and any(
+            k.public_data == wanted for k in self._config.client_keys
+        )
+
+
+class QuirkyServer(asyncssh.SFTPServer):
+    """asyncssh's chrooted SFTPServer plus the behaviour selected by ``config.quirk``."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, config: ServerConfig) -> None:
+        super().__init__(chan, chroot=str(config.root).encode())
+        self._config = config
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _local(self, path: bytes) -> str:
+        return os.fsdecode(self.map_path(path))
+
+    def _after_publish(self, newpath: bytes) -> None:
+        quirk = self._config.quirk
+        if quirk == "instant_pickup":
+            local = Path(self._local(newpath))
+            outbox = self._config.root / OUTBOX
+            if local.parent == outbox and local.suffix.lower() == ".csv":
+                local.rename(self._config.root / SENT / local.name)
+        elif quirk == "drop_after_rename" and not self._config.dropped:
+            self._config.dropped = True
+            # Cut the connection before asyncssh can send the reply: the client cannot
+            # know whether the rename happened.
+            self.connection.abort()
+
+    # -- quirky operations -----------------------------------------------------------
+
+    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        if self._config.quirk == "permission_denied_write" and pflags & FXF_WRITE:
+            raise asyncssh.SFTPPermissionDenied("Permission denied")
+        return super().open(path, pflags, attrs)
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        if self._config.quirk == "disk_full":
+            room = self._config.disk_full_after - self._config.bytes_written
+            if len(data) > room:
+                if room > 0:
+                    super().write(file_obj, offset, data[:room])
+                    self._config.bytes_written += room
+                raise asyncssh.SFTPFailure("No space left on device")
+            self._config.bytes_written += len(data)
+        return super().write(file_obj, offset, data)  # type: ignore[return-value]
+
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        quirk = self._config.quirk
+        if quirk == "no_rename":
+            raise asyncssh.SFTPPermissionDenied("Permission denied")
+        if quirk == "rename_overwrites":
+            os.replace(self._local(oldpath), self._local(newpath))
+        elif quirk == "generic_failure" and os.path.lexists(self._local(newpath)):
+            raise asyncssh.SFTPFailure("Failure")
+        else:
+            super().rename(oldpath, newpath)
+        self._after_publish(newpath)
+
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        if self._config.quirk in ("no_posix_rename", "no_rename"):
+            raise asyncssh.SFTPOpUnsupported("posix-rename not supported")
+        super().posix_rename(oldpath, newpath)
+        self._after_publish(newpath)
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        if self._config.quirk == "no_rename":
+            raise asyncssh.SFTPPermissionDenied("Permission denied")
+        if not self._config.hardlink:
+            raise asyncssh.SFTPOpUnsupported("hardlink not supported")
+        super().link(oldpath, newpath)
+        self._after_publish(newpath)
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread, for servers used by sync code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
+async def stop_server(acceptor: asyncssh.SSHAcceptor, config: ServerConfig) -> None:
+    """Stop listening and close every connection still open (no leaked transports)."""
+    acceptor.close()
+    await acceptor.wait_closed()
+    for conn in config.connections:
+        conn.close()
+        await conn.wait_closed()
+
+
+def prepare_root(root: Path) -> None:
+    (root / SENT).mkdir(parents=True, exist_ok=True)
+
+
+async def start_server(
+    config: ServerConfig,
+    host_key: asyncssh.SSHKey,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> asyncssh.SSHAcceptor:
+    """Listen on ``host:port`` (0: a free port); ``acceptor.sockets[0]`` says which."""
+    if config.quirk not in QUIRKS:
+        raise ValueError(f"unknown quirk {config.quirk!r}; one of {', '.join(QUIRKS)}")
+    return await asyncssh.listen(
+        host,
+        port,
+        server_host_keys=[host_key],
+        server_factory=functools.partial(_Auth, config),
+        sftp_factory=functools.partial(QuirkyServer, config=config),
+        allow_scp=False,
+        # One process serves many short test sessions; no need to wait for them.
+        login_timeout=30,
+    )
+
+
+def bound_port(acceptor: asyncssh.SSHAcceptor) -> int:
+    return int(acceptor.sockets[0].getsockname()[1])
+
+
+def known_hosts_line(host: str, port: int, key: asyncssh.SSHKey) -> str:
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {key.export_public_key('openssh').decode().strip()}"
+
+
+def load_public_keys(paths: Iterable[Path]) -> list[asyncssh.SSHKey]:
+    return [asyncssh.read_public_key(str(p)) for p in paths]

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -367,6 +368,10 @@ def _check_base_url(value: str) -> str:
     if parts.username is not None or parts.password is not None:
         # Not echoed: the text before '@' is a credential.
         raise ValueError("must not contain a user or password; use secrets.nuntiq_api_key")
+    if parts.query or parts.fragment:
+        # Not echoed either: a query string is where keys end up. Paths are appended to
+        # the base URL, so a query or fragment could not work anyway.
+        raise ValueError("must not have a ?query or #fragment")
     if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
         raise ValueError(f"must be an https:// URL with a host, got {_show(url)}")
     if parts.scheme.lower() == "http" and not _is_loopback(parts.hostname):
@@ -535,7 +540,9 @@ class _Requirements:
             self.add(json_key, _PLACEHOLDER_MESSAGE)
 
 
-def _check_needs(settings: Settings, needs: set[Need], already_reported: set[str]) -> list[str]:
+def _check_needs(
+    settings: Settings, needs: AbstractSet[Need], already_reported: set[str]
+) -> list[str]:
     req = _Requirements(already_reported)
     c, s = settings.config, settings.secrets
     if Need.NUNTIQ in needs:
@@ -596,7 +603,7 @@ def _check_sftp(settings: Settings, req: _Requirements) -> None:
 # --- loading --------------------------------------------------------------------------
 
 
-def load_settings(path: Path | None, *, needs: set[Need]) -> Settings:
+def load_settings(path: Path | None, *, needs: AbstractSet[Need]) -> Settings:
     """Read the settings file and ``ERP_PUSH_*`` env, validate, check what ``needs`` asks.
 
     ``path`` None means ``./settings.json``, which may be absent when the environment

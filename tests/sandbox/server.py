@@ -292,6 +292,9 @@ class _Reset(Exception):
 class SandboxRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length
     server_version = "NuntiqSandbox/1.0"
+    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle + delayed ACK
+    # add ~40 ms to every keep-alive request.
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     def do_GET(self) -> None:

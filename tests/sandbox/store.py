@@ -206,6 +206,10 @@ class Store:
                 t = Tx(conn, self._now(conn))
                 self._lapse(t)
                 yield t
+            except ApiError:
+                # Refusals happen before any write of their own: keep the lapse we applied.
+                conn.execute("COMMIT")
+                raise
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

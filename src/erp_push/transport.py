@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import paramiko  # type: ignore[import-untyped]
 from paramiko.sftp import (  # type: ignore[import-untyped]
@@ -64,6 +64,9 @@ from erp_push.errors import (
     SftpUnreachable,
 )
 
+if TYPE_CHECKING:
+    from erp_push.render import RenderedFile
+
 log = logging.getLogger(__name__)
 
 # Our temporary files, and only ours: "<final name>.<8 hex>.erp-push.tmp".
@@ -72,16 +75,6 @@ TMP_PATTERN = re.compile(r"^.+\.[0-9a-f]{8}\.erp-push\.tmp$")
 MAX_CANDIDATES = 100
 _MESSAGE_LIMIT = 500
 _SFTP_FX_OP_UNSUPPORTED = 8  # SFTPv3 status code, not exported by paramiko
-
-
-class PublishableFile(Protocol):
-    """What publish needs of a ``render.RenderedFile``: its name and its exact bytes."""
-
-    @property
-    def file_name(self) -> str: ...
-
-    @property
-    def body(self) -> bytes: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -458,16 +451,16 @@ class SftpSession:
         if not stat.S_ISDIR(attrs.st_mode or 0):
             raise SftpFolderError(f"{setting} {path} is not a directory")
 
-    def _listing(self, folder: str | None) -> dict[str, str]:
-        """Lower-cased name -> path of every entry; a missing folder is empty."""
+    def _listing(self, folder: str | None) -> list[str]:
+        """Paths of every entry in ``folder``, sorted; a missing folder is empty."""
         if folder is None:
-            return {}
+            return []
         try:
             with self._guard(f"listing {folder}"):
                 entries = self._sftp.listdir_attr(folder)
         except RemoteFileMissing:
-            return {}
-        return {e.filename.lower(): posixpath.join(folder, e.filename) for e in entries}
+            return []
+        return sorted(posixpath.join(folder, e.filename) for e in entries)
 
     def _exists(self, path: str) -> bool:
         try:
@@ -492,13 +485,15 @@ class SftpSession:
         # Comparing the bytes is the sha256 comparison without the hashing.
         return data == body
 
-    def _identical_in(self, listing: dict[str, str], file: PublishableFile) -> str | None:
-        for name, path in sorted(listing.items()):
-            if _in_family(name, file.file_name) and self._holds(path, file.body):
+    def _identical_in(self, listing: list[str], file: RenderedFile) -> str | None:
+        for path in listing:
+            if _in_family(posixpath.basename(path), file.file_name) and self._holds(
+                path, file.body
+            ):
                 return path
         return None
 
-    def find_delivered(self, outbox: str, sent: str | None, file: PublishableFile) -> str | None:
+    def find_delivered(self, outbox: str, sent: str | None, file: RenderedFile) -> str | None:
         """Path of a file with the same bytes under the file's name family, or None.
 
         Read-only and safe to repeat; proves delivery after a crash or reconnect.
@@ -515,7 +510,7 @@ class SftpSession:
         self,
         outbox: str,
         sent: str | None,
-        file: PublishableFile,
+        file: RenderedFile,
         *,
         fault: Callable[[str], None] | None = None,
     ) -> Delivery:
@@ -527,10 +522,12 @@ class SftpSession:
         or may not have been published). ``fault`` is a test hook called at each step.
         """
         step = fault or _no_fault
-        taken = self._listing(outbox) | self._listing(sent)
-        existing = self._identical_in(taken, file)
+        listing = self._listing(outbox) + self._listing(sent)
+        existing = self._identical_in(listing, file)
         if existing is not None:
             return Delivery(remote_path=existing, already_delivered=True)
+        # Windows servers treat ABC.csv and abc.CSV as one name: so do we, everywhere.
+        taken = {posixpath.basename(p).lower() for p in listing}
         free = [n for n in family_names(file.file_name) if n.lower() not in taken]
         if not free:
             raise SftpOperationError(
@@ -545,7 +542,7 @@ class SftpSession:
         self,
         outbox: str,
         sent: str | None,
-        file: PublishableFile,
+        file: RenderedFile,
         free: list[str],
         step: Callable[[str], None],
     ) -> Delivery:
@@ -555,7 +552,7 @@ class SftpSession:
             with self._guard(f"writing {tmp}"):
                 # "x": exclusive create, so even a (practically impossible) tmp name clash
                 # cannot truncate another writer's file.
-                handle = self._sftp.open(tmp, "wbx")
+                handle = self._sftp.open(tmp, "wbx", bufsize=0)
                 created = True
                 self._write_all(handle, file.body, tmp, step)
             step("tmp_written")
@@ -570,11 +567,12 @@ class SftpSession:
             raise
 
     def _write_all(self, handle: Any, body: bytes, path: str, step: Callable[[str], None]) -> None:
-        # Pipelined: the writes go out without waiting for each reply; errors (disk
-        # full, quota) surface at close, which waits for all of them.
+        # Deliberately not pipelined: paramiko never reads the replies to pipelined
+        # writes, so a full disk or a quota would go unnoticed until the size check. An
+        # invoice file fits in one or two 32 KiB write requests anyway. Unbuffered
+        # (bufsize=0 at open), so a failing write raises here, not inside close().
         with handle:
             step("tmp_open")
-            handle.set_pipelined(True)
             handle.write(body)
         size = self._sftp.stat(path).st_size
         if size != len(body):
@@ -584,7 +582,7 @@ class SftpSession:
             )
 
     def _move_into_place(
-        self, tmp: str, outbox: str, sent: str | None, file: PublishableFile, free: list[str]
+        self, tmp: str, outbox: str, sent: str | None, file: RenderedFile, free: list[str]
     ) -> Delivery:
         for name in free:
             final = posixpath.join(outbox, name)
@@ -641,7 +639,7 @@ class SftpSession:
         self,
         outbox: str,
         sent: str | None,
-        file: PublishableFile,
+        file: RenderedFile,
         free: list[str],
         step: Callable[[str], None],
     ) -> Delivery:
@@ -655,7 +653,7 @@ class SftpSession:
                 with self._guard(f"writing {final}"):
                     # Exclusive create: if the name appeared since the check, open fails
                     # instead of truncating someone else's file (where the server honours it).
-                    handle = self._sftp.open(final, "wbx")
+                    handle = self._sftp.open(final, "wbx", bufsize=0)
                     created = True
                     self._write_all(handle, file.body, final, step)
                 step("tmp_written")

@@ -1,0 +1,565 @@
+"""transport.py against real SFTP servers on loopback (asyncssh, OpenSSH, pytest-sftpserver).
+
+The rules under test: never overwrite, never a partial file under a final name, never
+deliver twice, always verify the host key, never leak a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import paramiko
+import pytest
+from pydantic import SecretStr
+
+from erp_push.errors import (
+    HostKeyMismatch,
+    HostKeyUnknown,
+    SftpAuthError,
+    SftpFolderError,
+    SftpOperationError,
+    SftpUnreachable,
+)
+from erp_push.render import RenderedFile
+from erp_push.transport import TMP_PATTERN, Delivery, SftpSession
+from tests.sftp_servers.fixtures import SftpServerInfo
+
+NAME = "ABC-20260101.csv"
+BODY = b"invoiceNumber\tinvoiceDate\ttotal\r\nABC\t2026-01-01\t12.50\r\n"
+
+Factory = Callable[..., SftpServerInfo]
+
+
+def rendered(body: bytes = BODY, name: str = NAME) -> RenderedFile:
+    return RenderedFile(
+        file_name=name,
+        body=body,
+        invoice_number=name.split("-")[0],
+        sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+def publish(info: SftpServerInfo, file: RenderedFile | None = None, **kwargs: object) -> Delivery:
+    with SftpSession.connect(info.options()) as session:
+        return session.publish(info.outbox, info.sent, file or rendered(), **kwargs)  # type: ignore[arg-type]
+
+
+def tmp_files(info: SftpServerInfo) -> list[str]:
+    return [n for n in info.listdir(info.outbox) if n.endswith(".erp-push.tmp")]
+
+
+@pytest.fixture(params=["asyncssh", "openssh", "sftpserver"])
+def server(request: pytest.FixtureRequest) -> Iterator[SftpServerInfo]:
+    """Each of the three kinds of server, with an empty outbox and sent/."""
+    if request.param == "openssh":
+        request.applymarker(pytest.mark.sshd)
+    info: SftpServerInfo = request.getfixturevalue(f"{request.param}_sftp")
+    info.clear()
+    yield info
+    if request.param == "openssh":
+        info.clear()
+
+
+@pytest.fixture
+def openssh(openssh_sftp: SftpServerInfo) -> Iterator[SftpServerInfo]:
+    openssh_sftp.clear()
+    yield openssh_sftp
+    openssh_sftp.clear()
+
+
+# --- publish on every server ------------------------------------------------------------
+
+
+def test_publish_lands_exact_bytes_under_final_name(server: SftpServerInfo) -> None:
+    delivery = publish(server)
+
+    assert delivery == Delivery(remote_path=f"{server.outbox}/{NAME}", already_delivered=False)
+    assert server.files() == {f"{server.outbox}/{NAME}": BODY}
+
+
+def test_taken_names_get_the_next_free_suffix(server: SftpServerInfo) -> None:
+    server.write(f"{server.outbox}/{NAME}", b"someone else's file")
+    server.write(f"{server.sent}/ABC-20260101-2.csv", b"an older one, already picked up")
+
+    delivery = publish(server)
+
+    assert delivery.remote_path == f"{server.outbox}/ABC-20260101-3.csv"
+    assert server.read(f"{server.outbox}/{NAME}") == b"someone else's file"
+    assert server.read(f"{server.outbox}/ABC-20260101-3.csv") == BODY
+    assert tmp_files(server) == []
+
+
+def test_names_are_compared_case_insensitively(server: SftpServerInfo) -> None:
+    server.write(f"{server.outbox}/ABC-20260101.CSV", b"upper case, other bytes")
+
+    delivery = publish(server)
+
+    assert delivery.remote_path == f"{server.outbox}/ABC-20260101-2.csv"
+    assert server.read(f"{server.outbox}/ABC-20260101.CSV") == b"upper case, other bytes"
+
+
+@pytest.mark.parametrize("where", ["outbox", "sent", "sent-suffixed", "outbox-upper"])
+def test_identical_file_already_there_counts_as_delivered(
+    server: SftpServerInfo, where: str
+) -> None:
+    path = {
+        "outbox": f"{server.outbox}/{NAME}",
+        "sent": f"{server.sent}/{NAME}",
+        "sent-suffixed": f"{server.sent}/ABC-20260101-4.csv",
+        "outbox-upper": f"{server.outbox}/ABC-20260101.CSV",
+    }[where]
+    server.write(f"{server.outbox}/{NAME}" if where != "outbox" else path, b"x" * len(BODY))
+    server.write(path, BODY)
+    before = server.files()
+
+    delivery = publish(server)
+
+    assert delivery == Delivery(remote_path=path, already_delivered=True)
+    assert server.files() == before
+
+
+def test_find_delivered(server: SftpServerInfo) -> None:
+    server.write(f"{server.outbox}/{NAME}", b"same size, other bytes!" + b"." * 30)
+    with SftpSession.connect(server.options()) as session:
+        assert session.find_delivered(server.outbox, server.sent, rendered()) is None
+        server.write(f"{server.sent}/abc-20260101-2.csv", BODY)
+        found = session.find_delivered(server.outbox, server.sent, rendered())
+    assert found == f"{server.sent}/abc-20260101-2.csv"
+
+
+# --- rename semantics: never overwrite -------------------------------------------------
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+@pytest.mark.parametrize("quirk", ["normal", "rename_overwrites", "generic_failure"])
+def test_target_appearing_before_publish_is_never_overwritten(
+    sftp_server_factory: Factory, quirk: str, hardlink: bool
+) -> None:
+    info = sftp_server_factory(quirk, hardlink=hardlink)
+
+    def intruder(step: str) -> None:
+        if step == "tmp_written":  # someone takes our name behind our back
+            info.write(f"{info.outbox}/{NAME}", b"intruder")
+
+    delivery = publish(info, fault=intruder)
+
+    assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
+    assert info.files() == {
+        f"{info.outbox}/{NAME}": b"intruder",
+        f"{info.outbox}/ABC-20260101-2.csv": BODY,
+    }
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+def test_identical_file_appearing_before_publish_means_delivered(
+    sftp_server_factory: Factory, hardlink: bool
+) -> None:
+    info = sftp_server_factory("rename_overwrites", hardlink=hardlink)
+
+    def concurrent_run(step: str) -> None:
+        if step == "tmp_written":
+            info.write(f"{info.sent}/{NAME}", BODY)
+
+    delivery = publish(info, fault=concurrent_run)
+
+    assert delivery == Delivery(remote_path=f"{info.sent}/{NAME}", already_delivered=True)
+    assert info.files() == {f"{info.sent}/{NAME}": BODY}
+
+
+def test_generic_rename_failure_on_existing_target_tries_next_name(
+    sftp_server_factory: Factory,
+) -> None:
+    # The re-check is bypassed here by taking the name in the outbox only after it ran:
+    # the server's own refusal ("Failure", as OpenSSH says) must be understood too.
+    info = sftp_server_factory("generic_failure", hardlink=False)
+    real_stat = paramiko.SFTPClient.stat
+    taken = {"done": False}
+
+    def stat_then_take(self: paramiko.SFTPClient, path: str) -> paramiko.SFTPAttributes:
+        try:
+            return real_stat(self, path)
+        finally:
+            if path == f"{info.sent}/{NAME}" and not taken["done"]:
+                taken["done"] = True
+                info.write(f"{info.outbox}/{NAME}", b"intruder")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paramiko.SFTPClient, "stat", stat_then_take)
+        delivery = publish(info)
+
+    assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
+    assert info.read(f"{info.outbox}/{NAME}") == b"intruder"
+    assert tmp_files(info) == []
+
+
+def test_openssh_never_overwrites(openssh: SftpServerInfo) -> None:
+    def intruder(step: str) -> None:
+        if step == "tmp_written":
+            openssh.write(f"{openssh.outbox}/{NAME}", b"intruder")
+
+    delivery = publish(openssh, fault=intruder)
+
+    assert delivery.remote_path == f"{openssh.outbox}/ABC-20260101-2.csv"
+    assert openssh.read(f"{openssh.outbox}/{NAME}") == b"intruder"
+    assert tmp_files(openssh) == []
+
+
+def test_sftpserver_rename_overwrites_but_recheck_prevents_it(
+    sftpserver_sftp: SftpServerInfo,
+) -> None:
+    info = sftpserver_sftp
+
+    def intruder(step: str) -> None:
+        if step == "tmp_written":
+            info.write(f"{info.outbox}/{NAME}", b"intruder")
+
+    delivery = publish(info, fault=intruder)
+
+    assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
+    assert info.read(f"{info.outbox}/{NAME}") == b"intruder"
+
+
+def test_no_posix_rename(sftp_server_factory: Factory) -> None:
+    info = sftp_server_factory("no_posix_rename", hardlink=False)
+
+    assert publish(info).remote_path == f"{info.outbox}/{NAME}"
+    assert info.files() == {f"{info.outbox}/{NAME}": BODY}
+
+
+def test_no_rename_fails_cleanly_and_removes_the_tmp(sftp_server_factory: Factory) -> None:
+    info = sftp_server_factory("no_rename")
+
+    with pytest.raises(SftpOperationError) as failure:
+        publish(info)
+
+    assert failure.value.failure_code == "SFTP_PUBLISH_FAILED"
+    assert info.files() == {}
+    assert tmp_files(info) == []
+
+
+def test_no_rename_with_direct_mode_writes_the_final_name(sftp_server_factory: Factory) -> None:
+    info = sftp_server_factory("no_rename")
+    info.write(f"{info.outbox}/{NAME}", b"taken")
+
+    with SftpSession.connect(info.options(publish_mode="direct")) as session:
+        delivery = session.publish(info.outbox, info.sent, rendered())
+
+    assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
+    assert info.files() == {
+        f"{info.outbox}/{NAME}": b"taken",
+        f"{info.outbox}/ABC-20260101-2.csv": BODY,
+    }
+
+
+# --- the ERP, connection loss, server refusals -------------------------------------------
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+def test_instant_pickup_by_the_erp(sftp_server_factory: Factory, hardlink: bool) -> None:
+    info = sftp_server_factory("instant_pickup", hardlink=hardlink)
+
+    delivery = publish(info)
+
+    assert delivery == Delivery(remote_path=f"{info.outbox}/{NAME}", already_delivered=False)
+    assert info.files() == {f"{info.sent}/{NAME}": BODY}
+    assert info.listdir(info.outbox) == []
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+def test_connection_lost_after_rename_is_proved_by_find_delivered(
+    sftp_server_factory: Factory, hardlink: bool
+) -> None:
+    info = sftp_server_factory("drop_after_rename", hardlink=hardlink)
+
+    with pytest.raises(SftpUnreachable):
+        publish(info)
+
+    with SftpSession.connect(info.options()) as session:
+        found = session.find_delivered(info.outbox, info.sent, rendered())
+        again = session.publish(info.outbox, info.sent, rendered())
+
+    assert found == f"{info.outbox}/{NAME}"
+    assert again == Delivery(remote_path=found, already_delivered=True)
+    csv_files = [n for n in info.listdir(info.outbox) if n.endswith(".csv")]
+    assert csv_files == [NAME]
+    # With hardlink the tmp name outlives the cut connection; cleanup-tmp removes it.
+    assert len(tmp_files(info)) == (1 if hardlink else 0)
+
+
+@pytest.mark.parametrize(
+    ("quirk", "code"),
+    [("permission_denied_write", "SFTP_PERMISSION_DENIED"), ("disk_full", "SFTP_DISK_FULL")],
+)
+def test_server_refusals_fail_the_file_and_leave_no_tmp(
+    sftp_server_factory: Factory, quirk: str, code: str
+) -> None:
+    info = sftp_server_factory(quirk)
+
+    with pytest.raises(SftpOperationError) as failure:
+        publish(info)
+
+    assert failure.value.failure_code == code
+    assert len(str(failure.value)) <= 500
+    assert info.listdir(info.outbox) == []
+
+
+def test_failure_in_direct_mode_removes_the_partial_file(sftp_server_factory: Factory) -> None:
+    info = sftp_server_factory("disk_full")
+
+    with (
+        SftpSession.connect(info.options(publish_mode="direct")) as session,
+        pytest.raises(SftpOperationError, match="No space left") as failure,
+    ):
+        session.publish(info.outbox, info.sent, rendered())
+
+    assert failure.value.failure_code == "SFTP_DISK_FULL"
+    assert info.listdir(info.outbox) == []
+
+
+# --- folders ------------------------------------------------------------------------------
+
+
+def test_check_folders(asyncssh_sftp: SftpServerInfo) -> None:
+    info = asyncssh_sftp
+    info.write("/not-a-folder", b"x")
+    with SftpSession.connect(info.options()) as session:
+        session.check_folders(info.outbox, info.sent)
+        session.check_folders(info.outbox, None)
+        session.check_folders(info.outbox, "/outbox/missing-sent")  # missing sent: empty
+        with pytest.raises(SftpFolderError, match="does not exist"):
+            session.check_folders("/missing", info.sent)
+        with pytest.raises(SftpFolderError, match="not a directory"):
+            session.check_folders("/not-a-folder", info.sent)
+        # and publishing with a missing sent folder works
+        assert not session.publish(
+            info.outbox, "/outbox/missing-sent", rendered()
+        ).already_delivered
+
+
+# --- host keys ----------------------------------------------------------------------------
+
+
+def test_known_hosts_entry_for_non_default_port_is_accepted(asyncssh_sftp: SftpServerInfo) -> None:
+    assert asyncssh_sftp.known_hosts_path.read_text().startswith(
+        f"[127.0.0.1]:{asyncssh_sftp.port} "
+    )
+    with SftpSession.connect(asyncssh_sftp.options()):
+        pass
+
+
+def test_hashed_known_hosts_entry_is_accepted(
+    asyncssh_sftp: SftpServerInfo, tmp_path: Path
+) -> None:
+    host_keys = paramiko.HostKeys(str(asyncssh_sftp.known_hosts_path))
+    name = f"[127.0.0.1]:{asyncssh_sftp.port}"
+    ((key_type, key),) = host_keys.lookup(name).items()
+    hashed = tmp_path / "known_hosts"
+    hashed.write_text(f"{paramiko.HostKeys.hash_host(name)} {key_type} {key.get_base64()}\n")
+
+    with SftpSession.connect(asyncssh_sftp.options(known_hosts=hashed)):
+        pass
+
+
+def test_pinned_fingerprint_is_accepted_without_known_hosts(server: SftpServerInfo) -> None:
+    options = server.options(known_hosts=None, host_key_sha256=server.host_key_sha256)
+    with SftpSession.connect(options):
+        pass
+
+
+def test_unknown_host_key_is_refused(server: SftpServerInfo, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+
+    with pytest.raises(HostKeyUnknown) as refused:
+        SftpSession.connect(server.options(known_hosts=empty))
+
+    assert refused.value.fingerprint == server.host_key_sha256
+    assert server.host_key_sha256 in str(refused.value)
+    assert "ssh-keyscan" in str(refused.value)
+
+
+def test_changed_host_key_is_refused(server: SftpServerInfo, tmp_path: Path) -> None:
+    other = paramiko.ECDSAKey.generate()
+    changed = tmp_path / "known_hosts"
+    changed.write_text(f"[127.0.0.1]:{server.port} {other.get_name()} {other.get_base64()}\n")
+
+    with pytest.raises(HostKeyMismatch) as refused:
+        SftpSession.connect(server.options(known_hosts=changed))
+
+    assert server.host_key_sha256 in str(refused.value)
+
+
+def test_wrong_pin_is_refused_even_with_known_hosts(asyncssh_sftp: SftpServerInfo) -> None:
+    wrong = "SHA256:" + "A" * 43
+    with pytest.raises(HostKeyMismatch) as refused:
+        SftpSession.connect(asyncssh_sftp.options(host_key_sha256=wrong))
+
+    assert refused.value.fingerprint == asyncssh_sftp.host_key_sha256
+    assert asyncssh_sftp.host_key_sha256 in str(refused.value)
+
+
+# --- login --------------------------------------------------------------------------------
+
+
+def _keygen(path: Path, key_type: str, passphrase: str = "") -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", key_type, "-N", passphrase, "-f", str(path)], check=True
+    )
+    return path
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "ecdsa", "rsa"])
+@pytest.mark.parametrize("passphrase", ["", "correct horse"], ids=["plain", "passphrase"])
+def test_key_login(
+    sftp_server_factory: Factory, tmp_path: Path, key_type: str, passphrase: str
+) -> None:
+    key = _keygen(tmp_path / f"id_{key_type}", key_type, passphrase)
+    info = sftp_server_factory(client_keys=[Path(f"{key}.pub")])
+    options = info.options(
+        password=None,
+        private_key_path=key,
+        private_key_passphrase=SecretStr(passphrase) if passphrase else None,
+    )
+    with SftpSession.connect(options) as session:
+        session.check_folders(info.outbox, info.sent)
+
+
+def test_wrong_passphrase_is_an_auth_error_without_the_passphrase(
+    asyncssh_sftp: SftpServerInfo, tmp_path: Path
+) -> None:
+    key = _keygen(tmp_path / "id_ed25519", "ed25519", "the right one")
+    options = asyncssh_sftp.options(
+        password=None, private_key_path=key, private_key_passphrase=SecretStr("s3cr3t-wrong")
+    )
+    with pytest.raises(SftpAuthError, match="wrong passphrase") as refused:
+        SftpSession.connect(options)
+
+    assert "s3cr3t-wrong" not in f"{refused.value} {refused.value!r}"
+
+
+def test_encrypted_key_without_passphrase(asyncssh_sftp: SftpServerInfo, tmp_path: Path) -> None:
+    key = _keygen(tmp_path / "id_rsa", "rsa", "secret")
+    with pytest.raises(SftpAuthError, match="encrypted"):
+        SftpSession.connect(asyncssh_sftp.options(password=None, private_key_path=key))
+
+
+def test_openssh_password_and_key_login(openssh: SftpServerInfo) -> None:
+    with SftpSession.connect(openssh.options()) as session:
+        session.check_folders(openssh.outbox, openssh.sent)
+    key_options = openssh.options(password=None, private_key_path=openssh.client_key_path)
+    with SftpSession.connect(key_options) as session:
+        session.check_folders(openssh.outbox, openssh.sent)
+
+
+@pytest.mark.parametrize("kind", ["asyncssh", "openssh"])
+def test_wrong_password_never_shows_the_password(request: pytest.FixtureRequest, kind: str) -> None:
+    if kind == "openssh":
+        request.applymarker(pytest.mark.sshd)
+    info: SftpServerInfo = request.getfixturevalue(f"{kind}_sftp")
+    secret = "hunter2-" + info.password[::-1]
+
+    with pytest.raises(SftpAuthError) as refused:
+        SftpSession.connect(info.options(password=SecretStr(secret)))
+
+    error = refused.value
+    assert secret not in f"{error} {error!r} {error.hint} {error.__cause__!r}"
+    assert "refused" in str(error)
+
+
+# --- unreachable and silent servers ------------------------------------------------------
+
+
+def test_closed_port_is_unreachable(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connection refused
+        info_options = _bare_options(port, tmp_path)
+        with pytest.raises(SftpUnreachable, match=f"127.0.0.1:{port}"):
+            SftpSession.connect(info_options)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts TCP connections and never says a word (no SSH banner)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_server_that_never_speaks_times_out(silent_server: int, tmp_path: Path) -> None:
+    options = _bare_options(silent_server, tmp_path)
+
+    with pytest.raises(SftpUnreachable) as failure:
+        SftpSession.connect(options)
+
+    assert "\n" not in str(failure.value)
+
+
+def _bare_options(port: int, tmp_path: Path) -> object:
+    from erp_push.transport import SftpOptions
+
+    return SftpOptions(
+        host="127.0.0.1",
+        port=port,
+        user="erp",
+        password=SecretStr("pw"),
+        known_hosts=tmp_path / "known_hosts",
+        connect_timeout=1,
+        operation_timeout=1,
+    )
+
+
+# --- cleanup of our own tmp files ---------------------------------------------------------
+
+
+def test_list_stale_tmp_lists_only_our_old_tmp_files(asyncssh_sftp: SftpServerInfo) -> None:
+    info = asyncssh_sftp
+    old = time.time() - 3 * 3600
+    names = {
+        "ABC-20260101.csv.0123abcd.erp-push.tmp": old,  # ours, old: listed
+        "ABC-20260102.csv.89abcdef.erp-push.tmp": time.time(),  # ours, fresh: kept
+        "ABC-20260103.csv.tmp": old,  # someone else's tmp
+        "ABC-20260104.csv.0123ABCD.erp-push.tmp": old,  # not our (lower-case) pattern
+        "ABC-20260105.csv": old,
+    }
+    for name, mtime in names.items():
+        info.write(f"{info.outbox}/{name}", b"x")
+        os.utime(info.local(f"{info.outbox}/{name}"), (mtime, mtime))
+
+    with SftpSession.connect(info.options()) as session:
+        stale = session.list_stale_tmp(info.outbox, timedelta(hours=1))
+        assert [f.path for f in stale] == [f"{info.outbox}/ABC-20260101.csv.0123abcd.erp-push.tmp"]
+        assert stale[0].size == 1
+        for path in (f"{info.outbox}/ABC-20260103.csv.tmp", f"{info.outbox}/ABC-20260105.csv"):
+            with pytest.raises(ValueError, match="refusing"):
+                session.remove(path)
+        session.remove(stale[0].path)
+        session.remove(stale[0].path)  # already gone: fine
+
+    assert info.listdir(info.outbox) == sorted(set(names) - {stale[0].path.rsplit("/", 1)[1]})
+    assert TMP_PATTERN.match("X.csv.0123abcd.erp-push.tmp")

@@ -205,6 +205,7 @@ def test_claim_accepts_the_bounds(sandbox: Sandbox, api: httpx.Client) -> None:
         {"lease_token": "L", "success": True, "external_id_1": "i" * 256},
         {"lease_token": "L", "success": True, "external_message_3": "m" * 256},
         {"lease_token": "L", "success": True, "external_id_4": "x"},
+        {"lease_token": "L", "success": True, "external_id_2": "\N{GRINNING FACE}" * 128},
     ],
 )
 def test_result_validation(sandbox: Sandbox, api: httpx.Client, body: dict[str, Any]) -> None:
@@ -218,7 +219,8 @@ def test_result_accepts_the_bounds(sandbox: Sandbox, api: httpx.Client) -> None:
     (lease,) = claim(api)
     r = result(api, lease["invoice_token"], lease["lease_token"], False,
                failure_code="A" + "B_9" * 21, failure_message="m" * 500,
-               external_id_3="i" * 255, external_message_2="m" * 255)
+               external_id_3="i" * 255, external_message_2="m" * 255,
+               external_id_1="\N{GRINNING FACE}" * 127 + "x")  # 255 UTF-16 units
     assert r.status_code == 200, r.text
 
 

@@ -704,13 +704,22 @@ def _int(body: dict[str, Any], name: str, lo: int, hi: int, default: int | None 
     return value
 
 
+def text_length(text: str) -> int:
+    """Length in UTF-16 code units, as a JavaScript server counts (an emoji counts 2).
+
+    The contract says "chars" without saying which; the stricter reading makes the sandbox
+    catch a client that counts code points.
+    """
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
 def _opt_str(body: dict[str, Any], name: str, max_len: int) -> str | None:
     value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise validation_error(f"{name} must be a string")
-    if len(value) > max_len:
+    if text_length(value) > max_len:
         raise validation_error(f"{name} must be at most {max_len} characters")
     return value
 

@@ -47,11 +47,11 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 SettingsOption = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--settings",
         "-s",
-        help="Settings file (JSON, seed layout). Every key can be overridden by ERP_PUSH_<KEY>.",
+        help="Settings file (JSON, seed layout; default ./settings.json). Every key can be overridden by ERP_PUSH_<KEY>.",
         envvar="ERP_PUSH_SETTINGS",
     ),
 ]
@@ -127,7 +127,7 @@ def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
-def _settings(path: Path, needs: set[Need]) -> Settings:
+def _settings(path: Path | None, needs: set[Need]) -> Settings:
     return _guarded(lambda: load_settings(path, needs=needs))
 
 
@@ -136,7 +136,7 @@ def _settings(path: Path, needs: set[Need]) -> Settings:
 
 @app.command(epilog=EXIT_CODES_HELP)
 def push(
-    settings: SettingsOption = Path("settings.json"),
+    settings: SettingsOption = None,
     drain: Annotated[
         bool, typer.Option("--drain", help="Keep claiming batches until the queue is empty.")
     ] = False,
@@ -150,7 +150,7 @@ def push(
 
     Example: [bold]erp-push push --settings /etc/erp-push/settings.json --drain[/bold]
     """
-    cfg = _settings(settings, {Need.NUNTIQ, Need.SFTP, Need.STATE})
+    cfg = _settings(settings, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR})
     with _progress(enabled=not as_json and err.is_terminal) as (on_claimed, on_outcome):
         report = _guarded(
             lambda: commands.push(
@@ -197,7 +197,7 @@ def _print_run(report: RunReport, *, as_json: bool) -> None:
 
 @app.command("dry-run", epilog=EXIT_CODES_HELP)
 def dry_run(
-    settings: SettingsOption = Path("settings.json"),
+    settings: SettingsOption = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, max=50, help="How many to look at (default: batch_size).")
     ] = None,
@@ -247,7 +247,7 @@ def dry_run(
 @app.command(epilog=EXIT_CODES_HELP)
 def render(
     invoice_token: Annotated[str, typer.Argument(help="The invoice's token (UUID).")],
-    settings: SettingsOption = Path("settings.json"),
+    settings: SettingsOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
     ] = None,
@@ -278,7 +278,7 @@ def render(
 
 @app.command("cleanup-tmp", epilog=EXIT_CODES_HELP)
 def cleanup_tmp(
-    settings: SettingsOption = Path("settings.json"),
+    settings: SettingsOption = None,
     older_than: Annotated[
         int, typer.Option("--older-than", min=1, help="Only tmp files older than this many minutes.")
     ] = 60,

@@ -807,23 +807,35 @@ def test_a_key_echoed_by_the_server_is_redacted() -> None:
 
 
 class _TinyServer:
-    """Answers every request with one fixed status, body and headers."""
+    """Answers every request with one fixed status, body and headers. ``promised`` bytes
+    are announced as Content-Length (default: the body's length); announcing more than
+    the body breaks the connection mid-body."""
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        promised: int | None = None,
+    ) -> None:
         reply = (status, body, headers or {"Content-Type": "application/json"})
+        length = len(body) if promised is None else promised
+        self.requests = 0
+        tiny = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def _answer(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                tiny.requests += 1
                 code, data, extra = reply
                 self.close_connection = True  # no idle keep-alive threads left behind
                 self.send_response(code)
                 self.send_header("Connection", "close")
                 for name, value in extra.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -839,11 +851,55 @@ class _TinyServer:
 
     def __enter__(self) -> str:
         self.thread.start()
+        return self.url
+
+    @property
+    def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/api"
 
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def test_a_download_broken_mid_body_is_rewound_and_retried() -> None:
+    tiny = _TinyServer(200, b"x" * 100_000, {"Content-Type": "application/pdf"}, promised=200_000)
+    dest = io.BytesIO(b"prefix")
+    dest.seek(0, io.SEEK_END)
+    sleeps = Sleeps()
+    with (
+        tiny,
+        NuntiqClient(tiny.url, SecretStr("k"), retry=FAST, sleep=sleeps) as client,
+        pytest.raises(errors.NuntiqUnavailable) as caught,
+    ):
+        client.download_attachment(str(uuid.uuid4()), dest)
+    assert "RemoteProtocolError" in str(caught.value)
+    assert (caught.value.attempts, tiny.requests, len(sleeps)) == (5, 5, 4)
+    assert dest.getvalue() == b"prefix"  # no half file left behind
+
+
+class _Unseekable(io.RawIOBase):
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += bytes(b)
+        return len(b)
+
+
+def test_a_download_broken_mid_body_into_an_unseekable_sink_is_not_retried() -> None:
+    tiny = _TinyServer(200, b"x" * 100_000, {"Content-Type": "application/pdf"}, promised=200_000)
+    sink = _Unseekable()
+    with (
+        tiny,
+        NuntiqClient(tiny.url, SecretStr("k"), retry=FAST, sleep=Sleeps()) as client,
+        pytest.raises(errors.NuntiqUnavailable) as caught,
+    ):
+        client.download_attachment(str(uuid.uuid4()), sink)  # type: ignore[arg-type]
+    assert (caught.value.attempts, tiny.requests) == (1, 1)
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,11 @@ class _Retryable(Exception):
 
 class NuntiqClient:
     """A connection to one Nuntiq tenant. Use one client per thread; close it (or use
-    ``with``) when done. All methods raise ``errors.NuntiqError`` subclasses only."""
+    ``with``) when done.
+
+    Every Nuntiq failure is raised as an ``errors.NuntiqError`` subclass (only
+    ``download_attachment`` also lets the destination's own ``OSError`` through).
+    """
 
     def __init__(
         self,
@@ -261,7 +265,7 @@ class NuntiqClient:
                         written += len(chunk)
             except httpx.TransportError as exc:
                 failure = self._transport_failure(endpoint, exc)
-                if written and not _rewind(dest, start):
+                if isinstance(failure, _Retryable) and written and not _rewind(dest, start):
                     raise failure.error from exc  # cannot undo a partial write: no retry
                 raise failure from exc
             return written
@@ -386,8 +390,11 @@ class NuntiqClient:
         reason = wire.describe_status(response.status_code, error.code, response.reason_phrase)
         return _Retryable(error, reason, retry_after)
 
-    def _transport_failure(self, endpoint: wire.Endpoint, exc: httpx.TransportError) -> _Retryable:
-        """The error for a request that got no (complete) answer."""
+    def _transport_failure(
+        self, endpoint: wire.Endpoint, exc: httpx.TransportError
+    ) -> _Retryable | errors.NuntiqError:
+        """The error for a request that got no (complete) answer; wrapped in ``_Retryable``
+        for lost connections and timeouts."""
         kind = type(exc).__name__
         detail = self._redact(str(exc))
         host = self._http.base_url.host
@@ -395,8 +402,7 @@ class NuntiqClient:
         text += f": {detail})" if detail else ")"
         error = errors.NuntiqUnavailable(text)
         if not _is_retryable_transport(exc):
-            # e.g. a protocol error on our side: repeating the same request cannot help.
-            raise error from exc
+            return error  # e.g. a protocol error on our side: repeating cannot help
         return _Retryable(error, kind, None)
 
     def _redact(self, text: str) -> str:

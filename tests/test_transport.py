@@ -56,11 +56,12 @@ def tmp_files(info: SftpServerInfo) -> list[str]:
     return [n for n in info.listdir(info.outbox) if n.endswith(".erp-push.tmp")]
 
 
-@pytest.fixture(params=["asyncssh", "openssh", "sftpserver"])
+OPENSSH = pytest.param("openssh", marks=pytest.mark.sshd)
+
+
+@pytest.fixture(params=["asyncssh", OPENSSH, "sftpserver"])
 def server(request: pytest.FixtureRequest) -> Iterator[SftpServerInfo]:
     """Each of the three kinds of server, with an empty outbox and sent/."""
-    if request.param == "openssh":
-        request.applymarker(pytest.mark.sshd)
     info: SftpServerInfo = request.getfixturevalue(f"{request.param}_sftp")
     info.clear()
     yield info
@@ -200,6 +201,7 @@ def test_generic_rename_failure_on_existing_target_tries_next_name(
     assert tmp_files(info) == []
 
 
+@pytest.mark.sshd
 def test_openssh_never_overwrites(openssh: SftpServerInfo) -> None:
     def intruder(step: str) -> None:
         if step == "tmp_written":
@@ -451,6 +453,7 @@ def test_encrypted_key_without_passphrase(asyncssh_sftp: SftpServerInfo, tmp_pat
         SftpSession.connect(asyncssh_sftp.options(password=None, private_key_path=key))
 
 
+@pytest.mark.sshd
 def test_openssh_password_and_key_login(openssh: SftpServerInfo) -> None:
     with SftpSession.connect(openssh.options()) as session:
         session.check_folders(openssh.outbox, openssh.sent)
@@ -459,10 +462,8 @@ def test_openssh_password_and_key_login(openssh: SftpServerInfo) -> None:
         session.check_folders(openssh.outbox, openssh.sent)
 
 
-@pytest.mark.parametrize("kind", ["asyncssh", "openssh"])
+@pytest.mark.parametrize("kind", ["asyncssh", OPENSSH])
 def test_wrong_password_never_shows_the_password(request: pytest.FixtureRequest, kind: str) -> None:
-    if kind == "openssh":
-        request.applymarker(pytest.mark.sshd)
     info: SftpServerInfo = request.getfixturevalue(f"{kind}_sftp")
     secret = "hunter2-" + info.password[::-1]
 
@@ -518,6 +519,17 @@ def test_server_that_never_speaks_times_out(silent_server: int, tmp_path: Path) 
         SftpSession.connect(options)
 
     assert "\n" not in str(failure.value)
+
+
+def test_server_that_stops_answering_mid_operation(sftp_server_factory: Factory) -> None:
+    info = sftp_server_factory("hang_on_write")
+
+    with SftpSession.connect(info.options(operation_timeout=1)) as session:
+        with pytest.raises(SftpUnreachable, match="lost sftp"):
+            session.publish(info.outbox, info.sent, rendered())
+        # the session is unusable now; the next call says so instead of hanging
+        with pytest.raises(SftpUnreachable):
+            session.find_delivered(info.outbox, info.sent, rendered())
 
 
 def _bare_options(port: int, tmp_path: Path) -> object:

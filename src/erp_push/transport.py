@@ -330,11 +330,12 @@ def _prefer_key_types(transport: Any, trusted: dict[str, Any]) -> None:
     """Ask for a host key type we already trust, so a server with several keys shows it."""
     if not trusted:
         return
-    ours = list(trusted)
+    ours = set(trusted)
+    if "ssh-rsa" in ours:  # one RSA key, signed with SHA-2 first (SHA-1 is deprecated)
+        ours |= {"rsa-sha2-512", "rsa-sha2-256"}
     security = transport.get_security_options()
-    security.key_types = [t for t in security.key_types if t in ours] + [
-        t for t in security.key_types if t not in ours
-    ]
+    preferred = [t for t in security.key_types if t in ours and t != "ssh-rsa"]
+    security.key_types = preferred + [t for t in security.key_types if t not in preferred]
 
 
 # --- the session ----------------------------------------------------------------------
@@ -380,6 +381,9 @@ class SftpSession:
             raise SftpUnreachable(
                 _short(f"cannot reach sftp {options.address}: {_reason(exc)}")
             ) from None
+        except BaseException:
+            transport.close()
+            raise
         log.debug("connected to %s (hardlink: %s)", options.address, sftp.has_hardlink)
         return cls(options, transport, sftp)
 

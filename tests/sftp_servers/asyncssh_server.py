@@ -19,6 +19,7 @@ and can imitate each family of behaviour (``quirk``):
 - ``permission_denied_write``: opening any file for writing is permission denied.
 - ``disk_full``: writes fail with FX_FAILURE "No space left on device" once the
   server has taken ``disk_full_after`` bytes.
+- ``hang_on_write``: opening a file for writing never gets an answer (a hung server).
 
 ``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
 advertises its extensions per class, not per server, so it is still *listed*; the client
@@ -53,6 +54,7 @@ QUIRKS = (
     "drop_after_rename",
     "permission_denied_write",
     "disk_full",
+    "hang_on_write",
 )
 
 OUTBOX = "outbox"
@@ -132,6 +134,8 @@ class QuirkyServer(asyncssh.SFTPServer):
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         if self._config.quirk == "permission_denied_write" and pflags & FXF_WRITE:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
+        if self._config.quirk == "hang_on_write" and pflags & FXF_WRITE:
+            return asyncio.Event().wait()  # asyncssh awaits it: an answer that never comes
         return super().open(path, pflags, attrs)
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
@@ -172,6 +176,13 @@ class QuirkyServer(asyncssh.SFTPServer):
         self._after_publish(newpath)
 
 
+async def _cancel_pending() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class LoopThread:
     """An asyncio event loop running in a daemon thread, for servers used by sync code."""
 
@@ -184,6 +195,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        self.run(_cancel_pending())  # e.g. a "hang_on_write" handler still waiting
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         self.loop.close()

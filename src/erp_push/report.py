@@ -19,6 +19,7 @@ from erp_push.errors import ErpPushError, ExitCode
 from erp_push.models import IntegrationResult
 
 FAILURE_MESSAGE_MAX = 500  # Nuntiq's limit for failure_message [contract]
+EXTERNAL_ID_MAX = 255  # Nuntiq's limit for external_id_N [contract]
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
 
 
@@ -47,7 +48,17 @@ def integration_result_for(outcome: Outcome) -> IntegrationResult:
     """What Nuntiq is told about one finished invoice."""
     if outcome.ok:
         assert outcome.remote_path is not None
-        return IntegrationResult.delivered(outcome.remote_path, DELIVERED_MESSAGE)
+        path = outcome.remote_path
+        if len(path) <= EXTERNAL_ID_MAX:
+            return IntegrationResult.delivered(path, DELIVERED_MESSAGE)
+        # A long file name in a deep folder can pass Nuntiq's limit on external ids:
+        # the name (at most 200 bytes, see render) goes first, its folder second.
+        folder, _, name = path.rpartition("/")
+        return IntegrationResult(
+            success=True,
+            external_ids=(name, folder[:EXTERNAL_ID_MAX] or "/", None),
+            external_messages=(DELIVERED_MESSAGE, None, None),
+        )
     assert outcome.failure_code is not None
     return IntegrationResult.failed(
         outcome.failure_code, truncate(outcome.message or outcome.failure_code)

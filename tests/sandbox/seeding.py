@@ -27,7 +27,7 @@ TOKEN_NAMESPACE = uuid.UUID("5b0c3f7e-6a7d-4c1e-9a57-2f0d8a6b1c42")
 # Each awkward invoice exercises one case; the collision case takes two consecutive slots
 # (the second repeats the first one's invoice number). Order matters: it is the cycle.
 AWKWARD_CASES: tuple[str, ...] = (
-    "slash_number_tab_value",  # "INV/2024/000007" and a tab inside a line description
+    "slash_number_tab_value",  # "INV/2024/000007"; a tab in a line and in the vendor name
     "dotdot_number_newline_value",  # "../INV-000008.." and a newline inside a value
     "space_number_formula_values",  # "INV 000009 A" and values starting with = + - @
     "non_ascii_number",  # "Größe-ø-000010"
@@ -142,7 +142,9 @@ def _one(
     vendor = VENDORS[rng.randrange(len(VENDORS))]
     currency = CURRENCIES[rng.randrange(len(CURRENCIES))]
     invoice_date = date(2024, 1, 1) + timedelta(days=rng.randrange(365))
-    has_supplier_code = rng.random() < 0.75 and case != "no_vendor"
+    # The tab case has no supplierCode, so the supplier column falls back to the vendor
+    # name that carries the tab: a value the renderer must refuse (RENDER_UNSAFE_VALUE).
+    has_supplier_code = rng.random() < 0.75 and case not in ("no_vendor", "slash_number_tab_value")
     supplier_code = f"SUP-{rng.randrange(1, 9999):04d}"
     company = COMPANIES[rng.randrange(len(COMPANIES))]
 

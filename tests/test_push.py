@@ -1,0 +1,369 @@
+"""`erp-push push` end to end: the sandbox Nuntiq over HTTP and real SFTP servers.
+
+Each test names the guarantee of the README it proves (G3 no partial files, G4 no
+clobbering, G5 fast when idle, G6 clear failure, G7 no secret leaks).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from erp_push import commands
+from erp_push.claim import NuntiqClient
+from erp_push.errors import ExitCode
+from erp_push.render import FieldKeys, render_invoice
+from erp_push.report import Result
+from erp_push.settings import Need, load_settings
+from tests.sandbox.fixtures import Sandbox
+from tests.sftp_servers.fixtures import SftpServerInfo
+
+PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
+MakeSettings = Callable[..., Path]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real command line in a child process: what cron sees, stdout and stderr apart."""
+    return subprocess.run(
+        [sys.executable, "-m", "erp_push", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
+
+
+def push(path: Path, **kwargs: Any) -> Any:
+    return commands.push(load_settings(path, needs=PUSH_NEEDS), **kwargs)
+
+
+def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes]:
+    """What each invoice should look like, rendered independently of the push."""
+    today = datetime.now(UTC).date()
+    out = {}
+    with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
+        for token in tokens:
+            rendered = render_invoice(client.get_invoice(token).invoice, keys=FieldKeys(), today=today)
+            out[token] = rendered.body
+    return out
+
+
+def _secret(value: str) -> Any:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+def assert_no_tmp(server: SftpServerInfo) -> None:
+    leftovers = [p for p in server.files() if p.endswith(".tmp")]
+    assert leftovers == []
+
+
+# --- the happy path on each server kind ----------------------------------------------------
+
+
+@pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp"])
+def test_push_delivers_every_invoice_exactly_as_rendered(
+    server_fixture: str, request: pytest.FixtureRequest, sandbox: Sandbox, make_settings: MakeSettings
+) -> None:
+    """G3: every file appears whole under its final name; Nuntiq gets path and message."""
+    server: SftpServerInfo = request.getfixturevalue(server_fixture)
+    server.clear()
+    tokens = sandbox.control.seed(7)
+    report = push(make_settings(server))
+
+    assert report.exit_code == ExitCode.OK
+    assert report.count(Result.DELIVERED) == 7
+    rows = {r["invoice_token"]: r for r in sandbox.control.invoices()}
+    expected = expected_files(sandbox, tokens)
+    files = server.files()
+    assert len(files) == 7
+    for token in tokens:
+        row = rows[token]
+        assert row["status"] == 100
+        assert row["external_message_1"] == "SFTP_DELIVERED"
+        assert files[row["external_id_1"]] == expected[token]  # exact bytes, final name
+    assert_no_tmp(server)
+
+
+def test_one_batch_takes_batch_size_and_drain_takes_all(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(12)
+    path = make_settings(asyncssh_sftp, config={"batch_size": 5})
+    first = push(path)
+    assert first.claimed == 5
+    assert sorted(sandbox.control.statuses().values()).count(100) == 5
+    bounded = push(path, drain=True, max_invoices=4)
+    assert bounded.claimed == 4
+    rest = push(path, drain=True)
+    assert rest.claimed == 3
+    assert set(sandbox.control.statuses().values()) == {100}
+    assert len(asyncssh_sftp.files()) == 12
+
+
+def test_awkward_invoices_fail_alone_with_a_code(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G6: a bad invoice fails alone, with a machine-readable failure_code; the batch goes on."""
+    sandbox.control.seed(24, awkward=True)
+    report = push(make_settings(asyncssh_sftp), drain=True)
+
+    rows = sandbox.control.invoices()
+    assert {r["status"] for r in rows} == {100, 97}
+    failed = {r["failure_code"] for r in rows if r["status"] == 97}
+    assert failed == {"RENDER_MISSING_FIELD", "RENDER_UNSAFE_VALUE"}
+    assert all(len(r["failure_message"]) <= 500 for r in rows if r["status"] == 97)
+    assert report.exit_code == ExitCode.SOME_FAILED
+    delivered = [r for r in rows if r["status"] == 100]
+    files = asyncssh_sftp.files()
+    assert sorted(r["external_id_1"] for r in delivered) == sorted(files)
+    for path in files:  # odd numbers never escape the folder or make unsafe names
+        name = path.removeprefix("/outbox/")
+        assert "/" not in name and not name.startswith(".")
+        assert len(name.encode()) <= 255
+    assert not any("UNKNOWN" in p for p in files)
+
+
+# --- G4: no clobbering -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp", "sftpserver_sftp"])
+def test_taken_names_get_a_suffix_and_identical_files_count_as_delivered(
+    server_fixture: str, request: pytest.FixtureRequest, sandbox: Sandbox, make_settings: MakeSettings
+) -> None:
+    """G4 and G2: names taken in outbox or sent/ (any case) get a suffix; nothing is
+    overwritten; an identical file already in sent/ counts as delivered."""
+    server: SftpServerInfo = request.getfixturevalue(server_fixture)
+    server.clear()
+    a, b, c = sandbox.control.seed(3)
+    expected = expected_files(sandbox, [a, b, c])
+    numbers = {r["invoice_token"]: r["invoice_number"] for r in sandbox.control.invoices()}
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    name = {t: f"{numbers[t]}-{day}.csv" for t in (a, b, c)}
+    strangers = {
+        f"{server.outbox}/{name[a].upper()}": b"someone else's file, outbox\n",
+        f"{server.sent}/{name[b]}": b"someone else's file, sent\n",
+    }
+    for path, data in strangers.items():
+        server.write(path, data)
+    server.write(f"{server.sent}/{name[c]}", expected[c])  # delivered before, ERP took it
+
+    report = push(make_settings(server))
+
+    rows = {r["invoice_token"]: r for r in sandbox.control.invoices()}
+    assert {r["status"] for r in rows.values()} == {100}
+    assert rows[a]["external_id_1"] == f"{server.outbox}/{name[a][:-4]}-2.csv"
+    assert rows[b]["external_id_1"] == f"{server.outbox}/{name[b][:-4]}-2.csv"
+    assert rows[c]["external_id_1"] == f"{server.sent}/{name[c]}"
+    assert {o.invoice_token: o.result for o in report.outcomes}[c] is Result.ALREADY_DELIVERED
+    files = server.files()
+    for path, data in strangers.items():
+        assert files[path] == data  # untouched
+    assert files[rows[a]["external_id_1"]] == expected[a]
+    assert files[rows[b]["external_id_1"]] == expected[b]
+    assert len(files) == 5  # 2 strangers + c's earlier delivery + a and b: no duplicate of c
+    assert_no_tmp(server)
+
+
+# --- G5: fast when idle ------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_nothing_to_claim_means_no_sftp_login(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G5: with nothing pending, push never contacts the SFTP server (here: nothing
+    listens on its port, so any connection attempt would fail the run)."""
+    path = make_settings(asyncssh_sftp, config={"sftp_port": _closed_port()})
+    report = push(path, drain=True)
+    assert report.exit_code == ExitCode.OK
+    assert report.claimed == 0
+    assert sandbox.control.request_counts()["claim"] == 1
+
+
+# --- G6: clear failure and distinct exit codes ---------------------------------------------
+
+
+def test_sftp_unreachable_strands_at_most_one_invoice(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G6: SFTP down -> one clear line, exit 5, and only the probe invoice is leased."""
+    sandbox.control.seed(6)
+    path = make_settings(asyncssh_sftp, config={"sftp_port": _closed_port()})
+    result = run_cli("push", "--settings", str(path))
+    assert result.returncode == ExitCode.SFTP
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr and "127.0.0.1" in result.stderr
+    statuses = sorted(sandbox.control.statuses().values())
+    assert statuses == [90, 90, 90, 90, 90, 92]
+    # the run was recorded as failed on the delta stream
+    with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
+        state = client.delta_get("acme_erp_push", "pushed_invoices")
+    assert state.status == "failed"
+
+
+def test_nuntiq_unreachable_exits_4(asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings) -> None:
+    path = make_settings(
+        asyncssh_sftp, config={"nuntiq_base_url": f"http://127.0.0.1:{_closed_port()}/api"}
+    )
+    result = run_cli("push", "--settings", str(path), timeout=180)
+    assert result.returncode == ExitCode.NUNTIQ
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr
+
+
+def test_wrong_api_key_exits_4_without_retrying(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(2)
+    path = make_settings(asyncssh_sftp, secrets={"nuntiq_api_key": "sk_wrong_key_123456"})
+    result = run_cli("push", "--settings", str(path))
+    assert result.returncode == ExitCode.NUNTIQ
+    assert "sk_wrong_key_123456" not in result.stderr + result.stdout
+    assert set(sandbox.control.statuses().values()) == {90}
+
+
+def test_bad_settings_are_all_named_before_anything_happens(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(2)
+    path = make_settings(
+        asyncssh_sftp, config={"sftp_port": 70000, "batch_size": 0, "sftp_hots": "typo"}
+    )
+    result = run_cli("push", "--settings", str(path))
+    assert result.returncode == ExitCode.SETTINGS
+    for needle in ("config.sftp_port", "ERP_PUSH_SFTP_PORT", "config.batch_size", "config.sftp_hots"):
+        assert needle in result.stderr
+    assert sandbox.control.request_counts().get("claim", 0) == 0
+
+
+def test_sftp_login_refused_exits_5(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(3)
+    path = make_settings(asyncssh_sftp, secrets={"sftp_password": "pw-WRONG-do-not-print-77"})
+    result = run_cli("push", "--settings", str(path))
+    assert result.returncode == ExitCode.SFTP
+    assert "pw-WRONG-do-not-print-77" not in result.stderr + result.stdout
+    assert sorted(sandbox.control.statuses().values()) == [90, 90, 92]
+
+
+def test_unknown_host_key_is_refused_with_its_fingerprint(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    sandbox.control.seed(1)
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+    path = make_settings(asyncssh_sftp, config={"sftp_known_hosts": str(empty)})
+    result = run_cli("push", "--settings", str(path))
+    assert result.returncode == ExitCode.SFTP
+    assert asyncssh_sftp.host_key_sha256 in result.stderr
+    assert "known_hosts" in result.stderr or "sftp_host_key_sha256" in result.stderr
+    assert asyncssh_sftp.files() == {}
+
+
+# --- G7: no secret leaks --------------------------------------------------------------------
+
+
+API_KEY_SECRET = "sk_LEAKCHECK_api_key_4b1d"
+SFTP_PASSWORD_SECRET = "pw-LEAKCHECK-sftp-9c3e"
+
+
+def test_secrets_never_appear_in_any_output(
+    sandbox_server: Any, sftp_server_factory: Callable[..., SftpServerInfo], tmp_path: Path
+) -> None:
+    """G7: distinctive secrets, every command, success and failure paths, --debug on:
+    neither the API key nor the SFTP password shows up in stdout, stderr or logs."""
+    from tests.sandbox.server import SandboxServer
+    from tests.sandbox.control import SandboxControl
+
+    with SandboxServer(str(tmp_path / "leak.sqlite3"), api_key=API_KEY_SECRET) as nuntiq:
+        with SandboxControl(nuntiq.base_url, API_KEY_SECRET) as control:
+            tokens = control.seed(6, awkward=True)
+        server = sftp_server_factory()
+        good = {
+            "customer_number": "1",
+            "secrets": {"nuntiq_api_key": API_KEY_SECRET, "sftp_password": server.password},
+            "config": {
+                "connector_name": "leak", "nuntiq_base_url": nuntiq.base_url,
+                "sftp_host": server.host, "sftp_port": server.port, "sftp_user": server.user,
+                "sftp_known_hosts": str(server.known_hosts_path), "remote_outbox": server.outbox,
+                "remote_sent": server.sent, "state_dir": str(tmp_path / "state"),
+            },
+        }
+        settings = tmp_path / "s.json"
+        settings.write_text(json.dumps(good))
+        wrong_pw = json.loads(json.dumps(good))
+        wrong_pw["secrets"]["sftp_password"] = SFTP_PASSWORD_SECRET
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps(wrong_pw))
+        bad_value = json.loads(json.dumps(wrong_pw))
+        bad_value["config"]["sftp_port"] = "not a port"
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(bad_value))
+
+        outputs = [
+            run_cli("--debug", "push", "--settings", str(wrong), "--json"),  # login refused
+            run_cli("--debug", "cleanup-tmp", "--settings", str(wrong)),
+            run_cli("--debug", "push", "--settings", str(settings), "--json"),  # some fail
+            run_cli("--debug", "push", "--settings", str(settings)),  # idle
+            run_cli("--debug", "render", tokens[1], "--settings", str(settings)),
+            run_cli("--debug", "render", tokens[0], "--settings", str(settings)),  # a tab
+            run_cli("push", "--settings", str(bad)),
+        ]
+    assert [o.returncode for o in outputs] == [5, 5, 1, 0, 0, 1, 3]
+    everything = "\n".join(o.stdout + o.stderr for o in outputs)
+    assert "DEBUG" in everything  # the debug logs really were produced and searched
+    assert API_KEY_SECRET not in everything
+    assert SFTP_PASSWORD_SECRET not in everything
+    assert server.password not in everything
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def test_json_report_is_one_document_on_stdout(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(13, awkward=True)
+    result = run_cli("push", "--settings", str(make_settings(asyncssh_sftp)), "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == report["exit_code"] == ExitCode.SOME_FAILED
+    assert report["claimed"] == 13
+    by_result: dict[str, list[dict[str, Any]]] = {}
+    for inv in report["invoices"]:
+        by_result.setdefault(inv["result"], []).append(inv)
+    assert {i["failure_code"] for i in by_result["failed"]} <= {"RENDER_MISSING_FIELD", "RENDER_UNSAFE_VALUE"}
+    assert all(i["remote_path"].startswith("/outbox/") for i in by_result["delivered"])
+    assert all(i["invoice_token"] for i in report["invoices"])
+    statuses = sandbox.control.statuses()
+    assert all(statuses[i["invoice_token"]] == 100 for i in by_result["delivered"])
+
+
+def test_delta_stream_records_the_run_and_its_failure_never_undoes_delivery(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(2)
+    path = make_settings(asyncssh_sftp)
+    push(path)
+    with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
+        state = client.delta_get("acme_erp_push", "pushed_invoices")
+    assert state.status == "succeeded"
+    assert state.records_processed == 2
+
+    sandbox.control.seed(2)
+    sandbox.control.set_faults([{"endpoint": "delta", "kind": "status", "status": 500}])
+    report = push(path)
+    assert report.exit_code == ExitCode.OK
+    assert set(sandbox.control.statuses().values()) == {100}

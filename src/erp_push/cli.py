@@ -280,7 +280,7 @@ def render(
 def cleanup_tmp(
     settings: SettingsOption = None,
     older_than: Annotated[
-        int, typer.Option("--older-than", min=1, help="Only tmp files older than this many minutes.")
+        int, typer.Option("--older-than", min=0, help="Only tmp files older than this many minutes.")
     ] = 60,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list, remove nothing.")] = False,
     as_json: JsonOption = False,

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from erp_push.claim import NuntiqClient
-from erp_push.errors import NuntiqError, RenderError, SftpError
+from erp_push.errors import NuntiqError, RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
 from erp_push.pipeline import PushPlan, Pusher
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
@@ -207,10 +207,10 @@ def _plan_one(
 ) -> PlannedFile:
     if isinstance(item, RenderError):
         return PlannedFile(token, None, None, failure_code=item.failure_code, message=str(item))
-    found = session.find_delivered(plan.outbox, plan.sent, item)
-    if found:
-        return PlannedFile(token, item.invoice_number, None, already_delivered=found)
-    name = session.free_name(plan.outbox, plan.sent, item.file_name)
+    delivery = session.plan(plan.outbox, plan.sent, item)
+    if delivery.already_delivered:
+        return PlannedFile(token, item.invoice_number, None, already_delivered=delivery.remote_path)
+    name = delivery.remote_path.rpartition("/")[2]
     collision = None if name == item.file_name else f"{item.file_name} is taken"
     return PlannedFile(token, item.invoice_number, name, collision=collision)
 
@@ -266,9 +266,7 @@ def cleanup_tmp(
                 try:
                     session.remove(remote.path)
                     report.removed.append(remote)
-                except SftpError as exc:
-                    raise exc
-                except Exception as exc:  # one undeletable file should not stop the rest
+                except SftpOperationError as exc:  # one undeletable file does not stop the rest
                     report.errors.append(f"{remote.path}: {exc}")
         return report
     finally:

@@ -54,6 +54,11 @@ DELTA_STREAM = "pushed_invoices"
 # An invoice is only started when its lease has at least this long left: an upload that
 # outlives its lease could be delivered twice (another run may claim it meanwhile).
 LEASE_SAFETY_MARGIN = timedelta(seconds=30)
+# Steps a later run finishes from the journal alone. Earlier steps are never resumed
+# under the old lease: nothing is uploaded on a lease that may have lapsed (another run
+# could hold the invoice by now). Those invoices return through claim once the lease
+# lapses, and publish then finds an identical file if one landed before the crash.
+RESUMABLE = {Step.PUBLISHED, Step.ACKNOWLEDGED, Step.FAILED}
 # Statuses that mean someone finished the invoice: 100 Processed, 97 IntegrationFailed.
 FINISHED_STATUSES = {100, 97}
 
@@ -370,15 +375,17 @@ class Pusher:
     # --- recovery -----------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Finish what dead runs left while their leases are still alive."""
+        """Acknowledge and report what dead runs delivered (or failed) while their leases live."""
         pruned = self.journal.prune()
         if pruned:
             log.info("journal: forgot %d invoices finished long ago", pruned)
         now = datetime.now(UTC)
         resumable: list[tuple[Lease, Entry]] = []
         for entry in self.journal.unfinished():
-            if self.journal.run_is_alive(entry.run_id) or not entry.lease_alive(now):
-                continue  # another run is on it, or it comes back to us through claim
+            if entry.step not in RESUMABLE or not entry.lease_alive(now):
+                continue  # it comes back through claim, and its upload is checked then
+            if self.journal.run_is_alive(entry.run_id):
+                continue  # another run is working on it right now
             adopted = self.journal.adopt(entry)
             if adopted is not None:
                 lease = Lease(

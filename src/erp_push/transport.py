@@ -530,17 +530,23 @@ class SftpSession:
         existing = self._identical_in(listing, file)
         if existing is not None:
             return Delivery(remote_path=existing, already_delivered=True)
-        # Windows servers treat ABC.csv and abc.CSV as one name: so do we, everywhere.
-        taken = {posixpath.basename(p).lower() for p in listing}
-        free = [n for n in family_names(file.file_name) if n.lower() not in taken]
-        if not free:
-            raise SftpOperationError(
-                f"no free name for {file.file_name} in {outbox}: {MAX_CANDIDATES} taken",
-                failure_code="SFTP_PUBLISH_FAILED",
-            )
+        free = _free_names(listing, file.file_name, outbox)
         if self.options.publish_mode == "direct":
             return self._publish_direct(outbox, sent, file, free, step)
         return self._publish_via_tmp(outbox, sent, file, free, step)
+
+    def plan(self, outbox: str, sent: str | None, file: RenderedFile) -> Delivery:
+        """What ``publish`` would do now, without writing anything (for dry-run).
+
+        ``already_delivered`` with the identical file's path, or the outbox path the file
+        would be published under. Another writer may take that name before a real push.
+        """
+        listing = self._listing(outbox) + self._listing(sent)
+        existing = self._identical_in(listing, file)
+        if existing is not None:
+            return Delivery(remote_path=existing, already_delivered=True)
+        name = _free_names(listing, file.file_name, outbox)[0]
+        return Delivery(remote_path=posixpath.join(outbox, name), already_delivered=False)
 
     def _publish_via_tmp(
         self,
@@ -709,6 +715,19 @@ class SftpSession:
                 self._sftp.remove(path)
         except RemoteFileMissing:
             pass  # already gone: another cleanup got there first
+
+
+def _free_names(listing: list[str], file_name: str, outbox: str) -> list[str]:
+    """The file's name family minus every name taken in ``listing``, in order."""
+    # Windows servers treat ABC.csv and abc.CSV as one name: so do we, everywhere.
+    taken = {posixpath.basename(p).lower() for p in listing}
+    free = [n for n in family_names(file_name) if n.lower() not in taken]
+    if not free:
+        raise SftpOperationError(
+            f"no free name for {file_name} in {outbox}: {MAX_CANDIDATES} taken",
+            failure_code="SFTP_PUBLISH_FAILED",
+        )
+    return free
 
 
 def _no_fault(step: str) -> None:

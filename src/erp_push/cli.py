@@ -30,7 +30,8 @@ from erp_push.settings import Need, Settings, load_settings
 EXIT_CODES_HELP = (
     "Exit codes: 0 all delivered; 1 some invoices failed (each was reported to Nuntiq) or "
     "were left for the next run; 2 usage error; 3 bad settings (nothing was done); "
-    "4 Nuntiq unreachable or refusing; 5 SFTP server unreachable or refusing."
+    "4 Nuntiq unreachable or refusing; 5 SFTP server unreachable or refusing; "
+    "70 internal error (a bug)."
 )
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app = typer.Typer(
 )
 
 err = Console(stderr=True)
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in erp-push; unfinished invoices are in the journal
 T = TypeVar("T")
 
 SettingsOption = Annotated[
@@ -112,6 +114,11 @@ def _guarded(call: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: unfinished invoices are in the journal; the next run finishes them")
         raise typer.Exit(130) from None
+    except Exception as exc:  # a bug: still one line (no secrets in tracebacks), --debug shows it
+        if _State.debug:
+            err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__} (run with --debug for details)")
+        raise typer.Exit(INTERNAL_ERROR) from None
 
 
 def _fail(exc: ErpPushError) -> NoReturn:

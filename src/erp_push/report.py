@@ -147,6 +147,8 @@ class RunReport:
             console.print(f"[dim]note:[/dim] {note}")
 
     def summary_line(self) -> str:
+        if not self.outcomes and self.error is None:
+            return "Nothing to push: no invoices are pending integration."
         parts = [
             f"{self.count(Result.DELIVERED)} delivered",
             f"{self.count(Result.ALREADY_DELIVERED)} already delivered",

@@ -286,16 +286,23 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
 
 @pytest.fixture(scope="session")
 def openssh_sftp() -> Iterator[SftpServerInfo]:
-    """A throwaway sshd on a free loopback port, chrooted, with its own local user.
-
-    Needs root (a real user for password login, a root-owned chroot). Each session gets
-    a unique user name and password, so parallel sessions on one machine do not collide.
-    Stopped by PID and cleaned up (user, files) at session end.
-    """
+    """A throwaway sshd on a free loopback port, chrooted, with its own local user."""
     if not SSHD.exists():
         _sshd_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
     if os.geteuid() != 0:
         _sshd_unavailable("the sshd fixture needs root (useradd, chroot)")
+    with run_openssh() as info:
+        yield info
+
+
+@contextlib.contextmanager
+def run_openssh() -> Iterator[SftpServerInfo]:
+    """Start a throwaway sshd (also used by the benchmark); needs root and /usr/sbin/sshd.
+
+    Needs root (a real user for password login, a root-owned chroot). Each session gets
+    a unique user name and password, so parallel sessions on one machine do not collide.
+    Stopped by PID and cleaned up (user, files) at the end.
+    """
     # The chroot and all its parents must be root-owned and not group/world writable,
     # which rules out anything under /tmp (mode 1777).
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)

@@ -19,6 +19,7 @@ Guarantees this module is responsible for (see README, "Guarantees"):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -88,13 +89,20 @@ class RunStopped(Exception):
 
 # --- test-only crash points -----------------------------------------------------------
 
-_KILL_AT = os.environ.get("_ERP_PUSH_KILL_AT")  # crash tests only; never set in production
+# Crash tests only; never set in production. "<step>" kills at the first time any worker
+# reaches ``step``; "<step>@<n>" at the n-th time (so that other invoices are in flight).
+_KILL_STEP, _, _KILL_NTH = (os.environ.get("_ERP_PUSH_KILL_AT") or "").partition("@")
+_KILL_HITS = itertools.count(1)
+_KILL_LOCK = threading.Lock()
 
 
 def crash_point(step: str) -> None:
     """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup)."""
-    if _KILL_AT == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not _KILL_STEP or step != _KILL_STEP:
+        return
+    with _KILL_LOCK:
+        if next(_KILL_HITS) >= int(_KILL_NTH or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- SFTP sessions: one per worker, opened only when needed ---------------------------
@@ -171,7 +179,9 @@ class InvoiceWorker:
         self.journal = journal
         self.plan = plan
         self.today = today
-        self.fault = fault
+        # The transport's step hook ("tmp_open", "tmp_written", "published"): crash tests
+        # kill the process there through the same _ERP_PUSH_KILL_AT as the pipeline steps.
+        self.fault = fault or crash_point
 
     def deliver(self, lease: Lease, entry: Entry) -> Outcome:
         """Take ``lease`` from wherever the journal says it got to, to a reported result."""
@@ -193,14 +203,18 @@ class InvoiceWorker:
     def _upload(self, lease: Lease, entry: Entry) -> Outcome:
         token = lease.invoice_token
         if lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC):
-            return Outcome(token, Result.PENDING, entry.invoice_number, message="lease too close to expiry")
+            return Outcome(
+                token, Result.PENDING, entry.invoice_number, message="lease too close to expiry"
+            )
         detail = self.nuntiq.get_invoice(token)
         crash_point("fetched")
         try:
             file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
         except RenderError as exc:
             self.journal.record_failed(token, exc.failure_code, str(exc))
-            return Outcome(token, Result.FAILED, None, failure_code=exc.failure_code, message=str(exc))
+            return Outcome(
+                token, Result.FAILED, None, failure_code=exc.failure_code, message=str(exc)
+            )
         self.journal.record_rendered(
             token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
         )
@@ -233,7 +247,9 @@ class InvoiceWorker:
         except SftpUnreachable as exc:
             # The server may have published before the connection dropped: a fresh
             # session checks for our identical file first, and only then uploads.
-            log.warning("SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc)
+            log.warning(
+                "SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc
+            )
             with self.sessions.session() as sftp:
                 found = sftp.find_delivered(outbox, sent, file)
                 if found:
@@ -349,7 +365,9 @@ class Pusher:
         connector, report = self.plan.connector_name, self.report
         if report.error is not None:
             summary = truncate(f"{type(report.error).__name__}: {report.error}")
-            self._delta_call("fail", lambda: self.nuntiq.delta_fail(connector, DELTA_STREAM, summary))
+            self._delta_call(
+                "fail", lambda: self.nuntiq.delta_fail(connector, DELTA_STREAM, summary)
+            )
             return
         cursor = (report.finished_at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
         metadata = {

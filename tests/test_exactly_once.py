@@ -1,0 +1,537 @@
+"""Exactly once: crashes at every step, lapsed leases, concurrent runs, quirky servers.
+
+Guarantee 1 (nothing stuck): every invoice a run claims ends at 100 or 97, also when the
+run was killed at any step and its leases lapsed. Guarantee 2 (no duplicates): the ERP
+sees one file per invoice, after crashes, retries, lapsed leases, a lost journal and
+concurrent runs. Each test drives the real command line (``python -m erp_push``) in
+child processes against the Nuntiq sandbox and real SFTP servers, and kills runs with
+SIGKILL through ``_ERP_PUSH_KILL_AT=<step>[@<n>]`` (the n-th time any worker reaches it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from erp_push.claim import NuntiqClient
+from erp_push.errors import ExitCode, RenderError
+from erp_push.journal import Journal, Step
+from erp_push.render import FieldKeys, render_invoice
+from tests.sandbox.fixtures import Sandbox
+from tests.sftp_servers.fixtures import SftpServerInfo
+
+MakeSettings = Callable[..., Path]
+Factory = Callable[..., SftpServerInfo]
+
+LEASE_TTL = 60  # the shortest TTL Nuntiq allows: the sandbox clock is advanced past it
+FINISHED = {100, 97}
+KILLED = -signal.SIGKILL
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def cli(
+    *args: str, kill_at: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m erp_push ...`` in a child process, optionally killed at a step."""
+    env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
+    if kill_at is not None:
+        env["_ERP_PUSH_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "erp_push", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+    )
+
+
+def push_cli(path: Path, *, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
+    return cli("push", "--settings", str(path), "--drain", "--json", kill_at=kill_at)
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode in (ExitCode.OK, ExitCode.SOME_FAILED), result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    tokens = [o["invoice_token"] for o in report["invoices"]]
+    assert len(tokens) == len(set(tokens)), "an invoice was counted twice in one report"
+    assert report["error"] is None
+    return report
+
+
+def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes | None]:
+    """Each invoice's bytes, rendered independently of push (None: it cannot render)."""
+    today = datetime.now(UTC).date()
+    out: dict[str, bytes | None] = {}
+    with NuntiqClient(sandbox.base_url, SecretStr(sandbox.api_key)) as client:
+        for token in tokens:
+            try:
+                invoice = client.get_invoice(token).invoice
+                out[token] = render_invoice(invoice, keys=FieldKeys(), today=today).body
+            except RenderError:
+                out[token] = None
+    return out
+
+
+def final_files(server: SftpServerInfo) -> dict[str, bytes]:
+    """Every file in outbox and sent/ under a final name (not a tmp file)."""
+    return {p: b for p, b in server.files().items() if not p.endswith(".tmp")}
+
+
+def erp_tmp_files(server: SftpServerInfo) -> list[str]:
+    return [n for n in server.listdir(server.outbox) if n.endswith(".erp-push.tmp")]
+
+
+def reported_path(row: dict[str, Any]) -> str:
+    """The remote path Nuntiq was told (long paths are split: name first, folder second)."""
+    first = str(row["external_id_1"])
+    return first if first.startswith("/") else f"{row['external_id_2']}/{first}"
+
+
+def assert_exactly_once(
+    sandbox: Sandbox, server: SftpServerInfo, expected: dict[str, bytes | None]
+) -> None:
+    """G1 + G2 + G3: every invoice finished; one whole file per delivered invoice."""
+    rows = {r["invoice_token"]: r for r in sandbox.control.invoices()}
+    assert set(rows) == set(expected)
+    stuck = {t: r["status"] for t, r in rows.items() if r["status"] not in FINISHED}
+    assert stuck == {}, "invoices left unfinished"
+    files = final_files(server)
+    delivered = [t for t in expected if expected[t] is not None]
+    for token, body in expected.items():
+        row = rows[token]
+        if body is None:
+            assert row["status"] == 97 and row["failure_code"].startswith("RENDER_")
+            continue
+        assert row["status"] == 100, row
+        path = reported_path(row)
+        if path not in files:  # the ERP moved it to sent/ after it was reported
+            path = f"{server.sent}/{path.rpartition('/')[2]}"
+        assert files.get(path) == body, f"{path} does not hold invoice {token}"
+    # exactly one file per delivered invoice, none partial, none twice
+    assert len(files) == len(delivered), sorted(files)
+    assert sorted(files.values()) == sorted(b for t in delivered if (b := expected[t]))
+    externals = [reported_path(rows[t]) for t in delivered]
+    assert len(set(externals)) == len(externals)
+
+
+def move_outbox_to_sent(server: SftpServerInfo) -> None:
+    """What the ERP does with a file it has read."""
+    for name in server.listdir(server.outbox):
+        if name.endswith(".csv"):
+            server.local(f"{server.outbox}/{name}").rename(server.local(f"{server.sent}/{name}"))
+
+
+def cleanup_removes_only_our_tmp(path: Path, server: SftpServerInfo) -> None:
+    """cleanup-tmp takes erp-push's own stale tmp files, and nothing else."""
+    strangers = {
+        f"{server.outbox}/notes.tmp": b"another tool's tmp\n",
+        f"{server.outbox}/INV-1.csv.1234abcd.upload.tmp": b"not ours either\n",
+    }
+    for remote, data in strangers.items():
+        server.write(remote, data)
+    before = final_files(server)
+    result = cli("cleanup-tmp", "--settings", str(path), "--older-than", "0")
+    assert result.returncode == 0, result.stderr
+    assert erp_tmp_files(server) == []
+    after = server.files()
+    for remote, data in strangers.items():
+        assert after.pop(remote) == data
+    assert after == before
+
+
+# --- 1. the crash matrix -----------------------------------------------------------------
+
+# Every step boundary a run can die at. "@n": the n-th time any worker gets there, so that
+# other invoices are in flight at various steps when the process dies. Awkward seed 6:
+# the slash and missing-number invoices fail rendering, four odd names are delivered.
+CRASH_POINTS = {
+    "claimed": "claimed@2",  # after the journal recorded the second batch's claims
+    "fetched": "fetched@3",  # after get invoice
+    "tmp_open": "tmp_open@3",  # tmp created, nothing written
+    "tmp_written": "tmp_written@3",  # tmp whole, not yet published
+    "published": "published@3",  # under its final name, not yet journaled
+    "published_recorded": "published_recorded@3",  # journal PUBLISHED, not acknowledged
+    "acknowledged": "acknowledged@3",  # at 93, result not reported
+    "reported": "reported@3",  # finished; others in flight
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", list(CRASH_POINTS))
+def test_a_run_killed_at_any_step_is_finished_by_the_next_without_duplicates(
+    step: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G1, G2, G3: kill -9 at each step, let the leases lapse (93 -> 91 too), run again."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(6, awkward=True)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL})
+
+    killed = push_cli(path, kill_at=CRASH_POINTS[step])
+    assert killed.returncode == KILLED, f"crash point {step} never fired: {killed.stderr}"
+    if step in ("tmp_open", "tmp_written"):
+        assert erp_tmp_files(server), "the killed upload left no tmp file"
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)  # every lease lapses, at 92 and at 93
+    report_of(push_cli(path))  # one run finishes everything
+
+    assert_exactly_once(sandbox, server, expected)
+    cleanup_removes_only_our_tmp(path, server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moved_to_sent", [False, True], ids=["in_outbox", "in_sent"])
+@pytest.mark.parametrize("step", ["tmp_written", "published", "acknowledged"])
+def test_a_second_machine_without_the_journal_finds_the_delivered_file(
+    step: str, moved_to_sent: bool, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings, tmp_path: Path,
+) -> None:
+    """G2: the journal is gone (state_dir removed: another machine takes over). The
+    identical file in the outbox, or in sent/ where the ERP moved it, is the proof."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(5)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL})
+
+    assert push_cli(path, kill_at=f"{step}@3").returncode == KILLED
+    on_server = set(final_files(server).values())
+    unfinished = {t for t, s in sandbox.control.statuses().items() if s not in FINISHED}
+    landed = {t for t in unfinished if expected[t] in on_server}  # unfinished, yet delivered
+    if step != "tmp_written":
+        assert landed, "no unfinished invoice had its file published before the crash"
+    shutil.rmtree(tmp_path / "state")
+    if moved_to_sent:
+        move_outbox_to_sent(server)
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    report = report_of(push_cli(path))
+
+    assert_exactly_once(sandbox, server, expected)
+    already = {o["invoice_token"] for o in report["invoices"] if o["result"] == "already_delivered"}
+    assert already == landed
+    cleanup_removes_only_our_tmp(path, server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["published_recorded", "acknowledged"])
+def test_a_dead_runs_live_leases_are_finished_at_once(
+    step: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G1: no clock advance. The next run acknowledges/reports what the dead run
+    delivered under its still-live lease (recovery), without waiting and without a
+    second upload, then claims the rest."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(5)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server)
+
+    assert push_cli(path, kill_at=step).returncode == KILLED  # the probe invoice, alone
+    left = {t: s for t, s in sandbox.control.statuses().items() if s != 90}
+    assert list(left.values()) == [93 if step == "acknowledged" else 92]
+    [probe] = left
+    assert len(final_files(server)) == 1
+
+    result = push_cli(path)
+    report = report_of(result)
+    assert result.returncode == ExitCode.OK
+    assert report["recovered"] == 1
+    assert report["claimed"] == 4
+    outcomes = {o["invoice_token"]: o["result"] for o in report["invoices"]}
+    assert outcomes[probe] == "already_delivered"
+    assert_exactly_once(sandbox, server, expected)
+    row = sandbox.control.invoice(probe)
+    assert row["claim_count"] == 1 and row["result_count"] == 1
+    journal = Journal(path.parent / "state")
+    try:
+        assert journal.unfinished() == []
+    finally:
+        journal.close()
+
+
+def test_an_unpublished_crash_waits_for_its_lease_and_is_not_resumed_early(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """The limit of recovery: a run killed after publishing but before journaling it
+    leaves the invoice leased (92). The next run does not touch it while the lease lives
+    (it cannot know another run is not uploading it); once it lapses, it is delivered
+    from the identical file, not uploaded again."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(2)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL})
+    assert push_cli(path, kill_at="published").returncode == KILLED
+
+    early = push_cli(path)
+    assert early.returncode == ExitCode.OK
+    assert sorted(sandbox.control.statuses().values()) == [92, 100]
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    report = report_of(push_cli(path))
+    assert [o["result"] for o in report["invoices"]] == ["already_delivered"]
+    assert_exactly_once(sandbox, server, expected)
+
+
+# --- 2. concurrent runs --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("journals", ["shared", "separate"])
+def test_concurrent_runs_deliver_each_invoice_once(
+    journals: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings, tmp_path: Path,
+) -> None:
+    """G2: four push processes drain one queue into one folder at the same time."""
+    count = 400 if journals == "shared" else 200
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(count)
+    state = [tmp_path / ("state" if journals == "shared" else f"state{i}") for i in range(4)]
+    settings = [
+        make_settings(server, config={"state_dir": str(state[i])}, name=f"settings{i}.json")
+        for i in range(4)
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "erp_push", "push", "--settings", str(s), "--drain", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for s in settings
+    ]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == ExitCode.OK, err
+        reports.append(json.loads(out))
+
+    rows = sandbox.control.invoices()
+    assert {r["status"] for r in rows} == {100}
+    assert all(r["claim_count"] == 1 and r["result_count"] == 1 for r in rows)
+    assert sum(r["claimed"] for r in reports) == count
+    reported = [o["invoice_token"] for r in reports for o in r["invoices"]]
+    assert sorted(reported) == sorted(tokens)  # each invoice in exactly one run's report
+    files = final_files(server)
+    assert len(files) == count
+    assert len(set(files.values())) == count
+    externals = [r["external_id_1"] for r in rows]
+    assert len(set(externals)) == count and set(externals) == set(files)
+    assert erp_tmp_files(server) == []
+
+
+# --- 3. quirky servers, end to end ---------------------------------------------------------
+
+
+def _stranger_takes_a_name(
+    server: SftpServerInfo, sandbox: Sandbox, token: str
+) -> tuple[str, bytes]:
+    """Someone else's file already has the name invoice ``token`` would get."""
+    number = sandbox.control.invoice(token)["invoice_number"]
+    name = f"{number}-{datetime.now(UTC):%Y%m%d}.csv"
+    remote, data = f"{server.outbox}/{name}", b"someone else's file\n"
+    server.write(remote, data)
+    return remote, data
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+@pytest.mark.parametrize("quirk", ["rename_overwrites", "generic_failure", "no_posix_rename"])
+def test_servers_with_odd_renames_deliver_all_and_clobber_nothing(
+    quirk: str, hardlink: bool, sandbox: Sandbox, sftp_server_factory: Factory,
+    make_settings: MakeSettings,
+) -> None:
+    """G2, G4: a name already taken (by a stranger) is never overwritten, whatever the
+    server's rename does; every invoice is delivered once."""
+    server = sftp_server_factory(quirk, hardlink=hardlink)
+    tokens = sandbox.control.seed(4)
+    expected = expected_files(sandbox, tokens)
+    stranger, data = _stranger_takes_a_name(server, sandbox, tokens[0])
+
+    report = report_of(push_cli(make_settings(server)))
+    assert report["exit_code"] == ExitCode.OK
+
+    assert server.read(stranger) == data
+    server.local(stranger).unlink()  # out of the way of the one-file-per-invoice count
+    assert_exactly_once(sandbox, server, expected)
+    assert reported_path(sandbox.control.invoice(tokens[0])).endswith("-2.csv")
+    assert erp_tmp_files(server) == []
+
+
+def test_a_server_that_forbids_rename_fails_each_invoice_cleanly(
+    sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    server = sftp_server_factory("no_rename")
+    sandbox.control.seed(3)
+    report = report_of(push_cli(make_settings(server)))
+    assert report["exit_code"] == ExitCode.SOME_FAILED
+    rows = sandbox.control.invoices()
+    assert {(r["status"], r["failure_code"]) for r in rows} == {(97, "SFTP_PUBLISH_FAILED")}
+    assert server.files() == {}  # no tmp left, nothing under a final name
+
+
+def test_direct_mode_delivers_to_a_server_that_forbids_rename(
+    sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    server = sftp_server_factory("no_rename")
+    tokens = sandbox.control.seed(3)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={"publish_mode": "direct"})
+    assert report_of(push_cli(path))["exit_code"] == ExitCode.OK
+    assert_exactly_once(sandbox, server, expected)
+    assert erp_tmp_files(server) == []
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+def test_an_erp_that_takes_files_at_once_gets_each_once(
+    hardlink: bool, sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    server = sftp_server_factory("instant_pickup", hardlink=hardlink)
+    tokens = sandbox.control.seed(4)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server)
+    assert report_of(push_cli(path))["exit_code"] == ExitCode.OK
+    assert server.listdir(server.outbox) == []  # all picked up, no tmp left behind
+    assert len(server.listdir(server.sent)) == 4
+    assert_exactly_once(sandbox, server, expected)
+    # and a later run that claims nothing uploads nothing
+    assert push_cli(path).returncode == ExitCode.OK
+    assert len(final_files(server)) == 4
+
+
+@pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
+def test_a_connection_lost_right_after_publishing_is_not_a_second_upload(
+    hardlink: bool, sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    """The server published and hung up before answering: the run reconnects, finds
+    the file, reports success; the ERP sees one file."""
+    server = sftp_server_factory("drop_after_rename", hardlink=hardlink)
+    tokens = sandbox.control.seed(3)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server)
+    report = report_of(push_cli(path))
+    assert report["exit_code"] == ExitCode.OK
+    results = sorted(o["result"] for o in report["invoices"])
+    assert results == ["already_delivered", "delivered", "delivered"]
+    assert_exactly_once(sandbox, server, expected)
+    cleanup_removes_only_our_tmp(path, server)  # a hardlinked tmp may be left: ours to remove
+
+
+@pytest.mark.parametrize(
+    ("quirk", "code"),
+    [("permission_denied_write", "SFTP_PERMISSION_DENIED"), ("disk_full", "SFTP_DISK_FULL")],
+)
+def test_write_refusals_fail_each_invoice_alone_with_a_code(
+    quirk: str, code: str, sandbox: Sandbox, sftp_server_factory: Factory,
+    make_settings: MakeSettings,
+) -> None:
+    server = sftp_server_factory(quirk)
+    sandbox.control.seed(3)
+    report = report_of(push_cli(make_settings(server)))
+    assert report["exit_code"] == ExitCode.SOME_FAILED
+    assert report["claimed"] == 3
+    rows = sandbox.control.invoices()
+    assert {(r["status"], r["failure_code"]) for r in rows} == {(97, code)}
+    assert server.files() == {}  # no tmp left, nothing partial under a final name
+
+
+# --- 4. Nuntiq faults while acknowledging and reporting -------------------------------------
+
+
+def test_transient_faults_while_finishing_are_retried(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """503/429 with Retry-After, a reset connection and a reply slower than the client's
+    timeout: each retried within bounds; every invoice delivered once and finished."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(4)
+    expected = expected_files(sandbox, tokens)
+    sandbox.control.set_faults([
+        {"endpoint": "acknowledge", "kind": "status", "status": 503, "retry_after": 0, "count": 2},
+        {"endpoint": "acknowledge", "kind": "reset", "count": 1},
+        {"endpoint": "integration_result", "kind": "status", "status": 429, "retry_after": 1,
+         "count": 1},
+        # slower than nuntiq_timeout_seconds: the request is applied late, and the retry
+        # must be idempotent (same lease: 93 -> 93, 100 -> 100)
+        {"endpoint": "integration_result", "kind": "latency", "latency_ms": 1500, "count": 1},
+    ])
+    path = make_settings(server, config={"nuntiq_timeout_seconds": 1})
+    report = report_of(push_cli(path))
+    assert report["exit_code"] == ExitCode.OK
+    assert_exactly_once(sandbox, server, expected)
+    counts = sandbox.control.request_counts()
+    assert counts["acknowledge"] == 4 + 3
+    assert counts["integration_result"] == 4 + 2
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "lapse"),
+    [("acknowledge", False), ("integration_result", False), ("integration_result", True)],
+    ids=["acknowledge-lease_alive", "result-lease_alive", "result-lease_lapsed"],
+)
+def test_persistent_faults_leave_the_journal_to_finish_without_a_second_upload(
+    endpoint: str, lapse: bool, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings, tmp_path: Path,
+) -> None:
+    """G1, G2: Nuntiq keeps refusing after the upload (503 "come back in 5 minutes",
+    longer than the client waits, so it gives up at once). The run says "pending"
+    (exit 1), the journal keeps the delivery; the next run finishes from it (by recovery
+    while the lease lives, through claim once it lapsed) and uploads nothing again."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(3)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL})
+    sandbox.control.set_faults(
+        [{"endpoint": endpoint, "kind": "status", "status": 503, "retry_after": 300}]
+    )
+
+    first = report_of(push_cli(path))
+    assert first["exit_code"] == ExitCode.SOME_FAILED
+    assert {o["result"] for o in first["invoices"]} == {"pending"}
+    status = 92 if endpoint == "acknowledge" else 93
+    assert set(sandbox.control.statuses().values()) == {status}
+    files = final_files(server)
+    assert len(files) == 3
+    step = Step.PUBLISHED if endpoint == "acknowledge" else Step.ACKNOWLEDGED
+    journal = Journal(tmp_path / "state")
+    try:
+        assert {e.step for e in journal.unfinished()} == {step}
+    finally:
+        journal.close()
+
+    sandbox.control.clear_faults()
+    if lapse:
+        sandbox.control.advance_clock(LEASE_TTL + 1)
+    second = report_of(push_cli(path))
+    assert second["exit_code"] == ExitCode.OK
+    assert {o["result"] for o in second["invoices"]} == {"already_delivered"}
+    assert (second["recovered"], second["claimed"]) == ((0, 3) if lapse else (3, 0))
+    assert final_files(server) == files  # no second upload
+    assert_exactly_once(sandbox, server, expected)
+
+
+def test_retries_are_bounded_and_the_invoice_waits_for_the_next_run(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """A 503 that never ends: five attempts (RetryPolicy), then pending, not a hang."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(1)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server)
+    sandbox.control.set_faults(
+        [{"endpoint": "integration_result", "kind": "status", "status": 503, "retry_after": 0}]
+    )
+    first = report_of(push_cli(path))
+    assert [o["result"] for o in first["invoices"]] == ["pending"]
+    assert sandbox.control.request_counts()["integration_result"] == 5
+    sandbox.control.clear_faults()
+    second = report_of(push_cli(path))
+    assert (second["exit_code"], second["recovered"]) == (ExitCode.OK, 1)
+    assert_exactly_once(sandbox, server, expected)

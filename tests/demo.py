@@ -29,8 +29,14 @@ from tests.sandbox.control import SandboxControl
 console = Console()
 DEMO = Path(".demo").resolve()
 API_KEY = "sandbox-key"
-STATUS_NAMES = {90: "pending", 91: "pending (retry)", 92: "leased", 93: "acknowledged",
-                97: "IntegrationFailed", 100: "Processed"}
+STATUS_NAMES = {
+    90: "pending",
+    91: "pending (retry)",
+    92: "leased",
+    93: "acknowledged",
+    97: "IntegrationFailed",
+    100: "Processed",
+}
 
 
 def start(args: list[str], pattern: str, name: str) -> tuple[subprocess.Popen[str], re.Match[str]]:
@@ -64,50 +70,86 @@ def main() -> None:
     procs: list[subprocess.Popen[str]] = []
     try:
         sandbox, m = start(
-            ["-m", "tests.sandbox", "--port", "0", "--api-key", API_KEY, "--quiet",
-             "--db", str(DEMO / "nuntiq.sqlite3")],
-            r"(http://\S+/api)", "the Nuntiq sandbox",
+            [
+                "-m",
+                "tests.sandbox",
+                "--port",
+                "0",
+                "--api-key",
+                API_KEY,
+                "--quiet",
+                "--db",
+                str(DEMO / "nuntiq.sqlite3"),
+            ],
+            r"(http://\S+/api)",
+            "the Nuntiq sandbox",
         )
         procs.append(sandbox)
         base_url = m.group(1)
         sftp, m = start(
-            ["-m", "tests.sftp_servers", "--root", str(DEMO / "sftp"), "--port", "0",
-             "--user", "erp", "--password", password, "--host-key", str(DEMO / "hostkey")],
-            r"on 127\.0\.0\.1:(\d+)", "the SFTP server",
+            [
+                "-m",
+                "tests.sftp_servers",
+                "--root",
+                str(DEMO / "sftp"),
+                "--port",
+                "0",
+                "--user",
+                "erp",
+                "--password",
+                password,
+                "--host-key",
+                str(DEMO / "hostkey"),
+            ],
+            r"on 127\.0\.0\.1:(\d+)",
+            "the SFTP server",
         )
         procs.append(sftp)
         port = int(m.group(1))
         fingerprint = _read_fingerprint(sftp)
         console.print(f"Nuntiq sandbox: [bold]{base_url}[/bold]")
-        console.print(f"SFTP server:    [bold]127.0.0.1:{port}[/bold] (host key {fingerprint}) "
-                      f"serving {DEMO / 'sftp'}")
+        console.print(
+            f"SFTP server:    [bold]127.0.0.1:{port}[/bold] (host key {fingerprint}) "
+            f"serving {DEMO / 'sftp'}"
+        )
 
         settings = DEMO / "settings.json"
-        settings.write_text(json.dumps({
-            "customer_number": "10000001",
-            "secrets": {},  # from the environment below: never in the file
-            "config": {
-                "connector_name": "acme_erp_push",
-                "nuntiq_base_url": base_url,
-                "sftp_host": "127.0.0.1",
-                "sftp_port": port,
-                "sftp_user": "erp",
-                "sftp_host_key_sha256": fingerprint,
-                "remote_outbox": "/outbox",
-                "remote_sent": "/outbox/sent",
-                "batch_size": 10,
-                "state_dir": str(DEMO / "state"),
-            },
-        }, indent=2))
-        env = {**os.environ, "ERP_PUSH_NUNTIQ_API_KEY": API_KEY,
-               "ERP_PUSH_SFTP_PASSWORD": password, "COLUMNS": os.environ.get("COLUMNS", "140")}
+        settings.write_text(
+            json.dumps(
+                {
+                    "customer_number": "10000001",
+                    "secrets": {},  # from the environment below: never in the file
+                    "config": {
+                        "connector_name": "acme_erp_push",
+                        "nuntiq_base_url": base_url,
+                        "sftp_host": "127.0.0.1",
+                        "sftp_port": port,
+                        "sftp_user": "erp",
+                        "sftp_host_key_sha256": fingerprint,
+                        "remote_outbox": "/outbox",
+                        "remote_sent": "/outbox/sent",
+                        "batch_size": 10,
+                        "state_dir": str(DEMO / "state"),
+                    },
+                },
+                indent=2,
+            )
+        )
+        env = {
+            **os.environ,
+            "ERP_PUSH_NUNTIQ_API_KEY": API_KEY,
+            "ERP_PUSH_SFTP_PASSWORD": password,
+            "COLUMNS": os.environ.get("COLUMNS", "140"),
+        }
 
         with SandboxControl(base_url, API_KEY) as nuntiq:
             nuntiq.seed(18, seed=1)
             nuntiq.seed(12, seed=2, awkward=True)
             invoices = nuntiq.invoices()
-            console.print(f"Seeded {len(invoices)} invoices at status 90 "
-                          "(12 awkward: odd numbers, a tab, no number, 300 lines, ...)")
+            console.print(
+                f"Seeded {len(invoices)} invoices at status 90 "
+                "(12 awkward: odd numbers, a tab, no number, 300 lines, ...)"
+            )
             # The ERP already picked up an unrelated file with the name one invoice wants:
             # erp-push must not clobber it, and gives the new file a suffix instead.
             taken = file_name_for(invoices[3]["invoice_number"], datetime.now(UTC).date())
@@ -154,9 +196,14 @@ def _show_statuses(invoices: list[dict[str, object]]) -> None:
         status = int(str(inv["status"]))
         style = "green" if status == 100 else "red" if status == 97 else "yellow"
         number = str(inv["invoice_number"] or "(none)")
-        detail = inv.get("external_id_1") or f"{inv.get('failure_code')}: {inv.get('failure_message')}"
-        table.add_row(_short(number), f"[{style}]{status} {STATUS_NAMES.get(status, '')}[/{style}]",
-                      _short(str(detail), 90))
+        detail = (
+            inv.get("external_id_1") or f"{inv.get('failure_code')}: {inv.get('failure_message')}"
+        )
+        table.add_row(
+            _short(number),
+            f"[{style}]{status} {STATUS_NAMES.get(status, '')}[/{style}]",
+            _short(str(detail), 90),
+        )
     console.print(table)
 
 

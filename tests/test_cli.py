@@ -99,8 +99,9 @@ def test_render_prints_exactly_the_bytes_push_uploads(
 
 
 def test_render_of_an_unknown_token_exits_4(sandbox: Sandbox, make_settings: MakeSettings) -> None:
-    result = run_cli("render", "00000000-0000-4000-8000-000000000000",
-                     "--settings", str(make_settings(None)))
+    result = run_cli(
+        "render", "00000000-0000-4000-8000-000000000000", "--settings", str(make_settings(None))
+    )
     assert result.returncode == ExitCode.NUNTIQ
     assert "NOT_FOUND" in result.stderr or "not found" in result.stderr.lower()
 
@@ -178,7 +179,9 @@ def test_push_prints_the_summary_to_stderr_only(
     assert "2 delivered" in result.stderr
 
 
-def test_idle_push_says_so(sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings) -> None:
+def test_idle_push_says_so(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
     result = run_cli("push", "--settings", str(make_settings(asyncssh_sftp)))
     assert result.returncode == 0
     assert "Nothing to push" in result.stderr

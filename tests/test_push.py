@@ -30,11 +30,17 @@ PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
 MakeSettings = Callable[..., Path]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """The real command line in a child process: what cron sees, stdout and stderr apart."""
     return subprocess.run(
         [sys.executable, "-m", "erp_push", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -48,7 +54,9 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes]:
     out = {}
     with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
         for token in tokens:
-            rendered = render_invoice(client.get_invoice(token).invoice, keys=FieldKeys(), today=today)
+            rendered = render_invoice(
+                client.get_invoice(token).invoice, keys=FieldKeys(), today=today
+            )
             out[token] = rendered.body
     return out
 
@@ -69,7 +77,10 @@ def assert_no_tmp(server: SftpServerInfo) -> None:
 
 @pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp"])
 def test_push_delivers_every_invoice_exactly_as_rendered(
-    server_fixture: str, request: pytest.FixtureRequest, sandbox: Sandbox, make_settings: MakeSettings
+    server_fixture: str,
+    request: pytest.FixtureRequest,
+    sandbox: Sandbox,
+    make_settings: MakeSettings,
 ) -> None:
     """G3: every file appears whole under its final name; Nuntiq gets path and message."""
     server: SftpServerInfo = request.getfixturevalue(server_fixture)
@@ -135,7 +146,10 @@ def test_awkward_invoices_fail_alone_with_a_code(
 
 @pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp", "sftpserver_sftp"])
 def test_taken_names_get_a_suffix_and_identical_files_count_as_delivered(
-    server_fixture: str, request: pytest.FixtureRequest, sandbox: Sandbox, make_settings: MakeSettings
+    server_fixture: str,
+    request: pytest.FixtureRequest,
+    sandbox: Sandbox,
+    make_settings: MakeSettings,
 ) -> None:
     """G4 and G2: names taken in outbox or sent/ (any case) get a suffix; nothing is
     overwritten; an identical file already in sent/ counts as delivered."""
@@ -213,7 +227,9 @@ def test_sftp_unreachable_strands_at_most_one_invoice(
     assert state.status == "failed"
 
 
-def test_nuntiq_unreachable_exits_4(asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings) -> None:
+def test_nuntiq_unreachable_exits_4(
+    asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
     path = make_settings(
         asyncssh_sftp, config={"nuntiq_base_url": f"http://127.0.0.1:{_closed_port()}/api"}
     )
@@ -243,7 +259,12 @@ def test_bad_settings_are_all_named_before_anything_happens(
     )
     result = run_cli("push", "--settings", str(path))
     assert result.returncode == ExitCode.SETTINGS
-    for needle in ("config.sftp_port", "ERP_PUSH_SFTP_PORT", "config.batch_size", "config.sftp_hots"):
+    for needle in (
+        "config.sftp_port",
+        "ERP_PUSH_SFTP_PORT",
+        "config.batch_size",
+        "config.sftp_hots",
+    ):
         assert needle in result.stderr
     assert sandbox.control.request_counts().get("claim", 0) == 0
 
@@ -285,8 +306,8 @@ def test_secrets_never_appear_in_any_output(
 ) -> None:
     """G7: distinctive secrets, every command, success and failure paths, --debug on:
     neither the API key nor the SFTP password shows up in stdout, stderr or logs."""
-    from tests.sandbox.server import SandboxServer
     from tests.sandbox.control import SandboxControl
+    from tests.sandbox.server import SandboxServer
 
     with SandboxServer(str(tmp_path / "leak.sqlite3"), api_key=API_KEY_SECRET) as nuntiq:
         with SandboxControl(nuntiq.base_url, API_KEY_SECRET) as control:
@@ -296,10 +317,15 @@ def test_secrets_never_appear_in_any_output(
             "customer_number": "1",
             "secrets": {"nuntiq_api_key": API_KEY_SECRET, "sftp_password": server.password},
             "config": {
-                "connector_name": "leak", "nuntiq_base_url": nuntiq.base_url,
-                "sftp_host": server.host, "sftp_port": server.port, "sftp_user": server.user,
-                "sftp_known_hosts": str(server.known_hosts_path), "remote_outbox": server.outbox,
-                "remote_sent": server.sent, "state_dir": str(tmp_path / "state"),
+                "connector_name": "leak",
+                "nuntiq_base_url": nuntiq.base_url,
+                "sftp_host": server.host,
+                "sftp_port": server.port,
+                "sftp_user": server.user,
+                "sftp_known_hosts": str(server.known_hosts_path),
+                "remote_outbox": server.outbox,
+                "remote_sent": server.sent,
+                "state_dir": str(tmp_path / "state"),
             },
         }
         settings = tmp_path / "s.json"
@@ -344,7 +370,10 @@ def test_json_report_is_one_document_on_stdout(
     by_result: dict[str, list[dict[str, Any]]] = {}
     for inv in report["invoices"]:
         by_result.setdefault(inv["result"], []).append(inv)
-    assert {i["failure_code"] for i in by_result["failed"]} <= {"RENDER_MISSING_FIELD", "RENDER_UNSAFE_VALUE"}
+    assert {i["failure_code"] for i in by_result["failed"]} <= {
+        "RENDER_MISSING_FIELD",
+        "RENDER_UNSAFE_VALUE",
+    }
     assert all(i["remote_path"].startswith("/outbox/") for i in by_result["delivered"])
     assert all(i["invoice_token"] for i in report["invoices"])
     statuses = sandbox.control.statuses()

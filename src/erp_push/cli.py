@@ -53,7 +53,8 @@ SettingsOption = Annotated[
     typer.Option(
         "--settings",
         "-s",
-        help="Settings file (JSON, seed layout; default ./settings.json). Every key can be overridden by ERP_PUSH_<KEY>.",
+        help="Settings file (JSON, seed layout; default ./settings.json). "
+        "Every key can be overridden by ERP_PUSH_<KEY>.",
         envvar="ERP_PUSH_SETTINGS",
     ),
 ]
@@ -91,7 +92,9 @@ def _main(
 
 def _configure_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s UTC [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    formatter = logging.Formatter(
+        "%(asctime)s UTC [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
+    )
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -99,7 +102,9 @@ def _configure_logging(level: int) -> None:
     root.setLevel(level)
     # paramiko and httpx narrate every packet/request at INFO; keep them for --debug.
     for noisy in ("paramiko", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.WARNING)
+        logging.getLogger(noisy).setLevel(
+            logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+        )
 
 
 # --- the one error boundary -----------------------------------------------------------
@@ -112,12 +117,18 @@ def _guarded(call: Callable[[], T]) -> T:
     except ErpPushError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: unfinished invoices are in the journal; the next run finishes them")
+        err.print(
+            "[yellow]interrupted[/yellow]: unfinished invoices are in the journal; "
+            "the next run finishes them"
+        )
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug: still one line (no secrets in tracebacks), --debug shows it
         if _State.debug:
             err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
-        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__} (run with --debug for details)")
+        err.print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__} "
+            "(run with --debug for details)"
+        )
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
@@ -161,8 +172,11 @@ def push(
     with _progress(enabled=not as_json and err.is_terminal) as (on_claimed, on_outcome):
         report = _guarded(
             lambda: commands.push(
-                cfg, drain=drain, max_invoices=max_invoices,
-                on_claimed=on_claimed, on_outcome=on_outcome,
+                cfg,
+                drain=drain,
+                max_invoices=max_invoices,
+                on_claimed=on_claimed,
+                on_outcome=on_outcome,
             )
         )
     _print_run(report, as_json=as_json)
@@ -177,8 +191,12 @@ def _progress(
         yield (lambda _n: None), (lambda _o: None)
         return
     progress = Progress(
-        TextColumn("pushing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
+        TextColumn("pushing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     )
     task = progress.add_task("push", total=0)
     with progress:
@@ -206,7 +224,8 @@ def _print_run(report: RunReport, *, as_json: bool) -> None:
 def dry_run(
     settings: SettingsOption = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, max=50, help="How many to look at (default: batch_size).")
+        int | None,
+        typer.Option("--limit", min=1, max=50, help="How many to look at (default: batch_size)."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -225,11 +244,17 @@ def dry_run(
         "(Nuntiq has no list call); they return to the queue after that"
     )
     if as_json:
-        typer.echo(json.dumps({
-            "lease_ttl_seconds": report.lease_ttl_seconds,
-            "note": note,
-            "invoices": [p.__dict__ for p in report.planned],
-        }, ensure_ascii=False, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "lease_ttl_seconds": report.lease_ttl_seconds,
+                    "note": note,
+                    "invoices": [p.__dict__ for p in report.planned],
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
         return
     if not report.planned:
         err.print("Nothing to push: no invoices are pending integration.")
@@ -239,9 +264,15 @@ def dry_run(
         table.add_column(column)
     for p in report.planned:
         if p.failure_code:
-            table.add_row(p.invoice_number or p.invoice_token, "-", f"[red]{p.failure_code}[/red] {_escape(p.message or '')}")
+            table.add_row(
+                p.invoice_number or p.invoice_token,
+                "-",
+                f"[red]{p.failure_code}[/red] {_escape(p.message or '')}",
+            )
         elif p.already_delivered:
-            table.add_row(p.invoice_number or "", "-", f"already delivered as {p.already_delivered}")
+            table.add_row(
+                p.invoice_number or "", "-", f"already delivered as {p.already_delivered}"
+            )
         else:
             table.add_row(p.invoice_number or "", p.file_name or "", p.collision or "")
     err.print(table)
@@ -260,7 +291,11 @@ def render(
     ] = None,
     on_date: Annotated[
         datetime | None,
-        typer.Option("--date", formats=["%Y-%m-%d"], help="Push date for the file name (default: today, UTC)."),
+        typer.Option(
+            "--date",
+            formats=["%Y-%m-%d"],
+            help="Push date for the file name (default: today, UTC).",
+        ),
     ] = None,
 ) -> None:
     """Print exactly the bytes push would upload for one invoice. Needs only Nuntiq settings.
@@ -272,7 +307,9 @@ def render(
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
     if output is not None:
         output.write_bytes(rendered.body)
-        err.print(f"wrote {output} ({len(rendered.body)} bytes); push would name it {rendered.file_name}")
+        err.print(
+            f"wrote {output} ({len(rendered.body)} bytes); push would name it {rendered.file_name}"
+        )
     else:
         sys.stdout.buffer.write(rendered.body)
         sys.stdout.buffer.flush()
@@ -287,7 +324,8 @@ def render(
 def cleanup_tmp(
     settings: SettingsOption = None,
     older_than: Annotated[
-        int, typer.Option("--older-than", min=0, help="Only tmp files older than this many minutes.")
+        int,
+        typer.Option("--older-than", min=0, help="Only tmp files older than this many minutes."),
     ] = 60,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list, remove nothing.")] = False,
     as_json: JsonOption = False,
@@ -301,12 +339,17 @@ def cleanup_tmp(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )
     if as_json:
-        typer.echo(json.dumps({
-            "dry_run": dry_run,
-            "stale": [_remote(f) for f in report.stale],
-            "removed": [_remote(f) for f in report.removed],
-            "errors": report.errors,
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "stale": [_remote(f) for f in report.stale],
+                    "removed": [_remote(f) for f in report.removed],
+                    "errors": report.errors,
+                },
+                indent=2,
+            )
+        )
     else:
         verb = "would remove" if dry_run else "removed"
         for f in report.stale:

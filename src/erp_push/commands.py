@@ -51,7 +51,7 @@ def sftp_options(settings: Settings) -> SftpOptions:
         host_key_sha256=cfg.sftp_host_key_sha256,
         connect_timeout=cfg.sftp_connect_timeout_seconds,
         operation_timeout=cfg.sftp_operation_timeout_seconds,
-        keepalive_interval=cfg.sftp_keepalive_seconds,
+        keepalive_interval=round(cfg.sftp_keepalive_seconds),
         publish_mode=cfg.publish_mode,
     )
 

@@ -54,7 +54,8 @@ class SettingsError(ErpPushError):
         self.source = source
         where = f" in {source}" if source else ""
         super().__init__(
-            f"{len(problems)} settings problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems),
+            f"{len(problems)} settings problem(s){where}:\n"
+            + "\n".join(f"  - {p}" for p in problems),
             hint="Fix the settings file or the ERP_PUSH_* environment variables; see "
             "settings.example.json and the README's configuration reference.",
         )

@@ -76,7 +76,9 @@ def _pdf_bytes(n: int) -> bytes:
     return (
         b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
         + b"1 0 obj << /Type /Catalog >> endobj\n"
-        + b"% sandbox invoice image " + str(n).encode() + b"\n"
+        + b"% sandbox invoice image "
+        + str(n).encode()
+        + b"\n"
         + body
         + b"%%EOF\n"
     )
@@ -202,8 +204,11 @@ def _one(
         _field("invoiceDate", "Invoice date", invoice_date.isoformat()),
         _field("dueDate", "Due date", None),  # always null: shows up only with includeNull
         _field("currencyCode", "Currency", currency),
-        _field("netAmount", "Net amount", _money(net_total) if case != "money_mixed"
-               else float(net_total)),
+        _field(
+            "netAmount",
+            "Net amount",
+            _money(net_total) if case != "money_mixed" else float(net_total),
+        ),
         _field("taxAmount", "Tax amount", tax_value),
         _field("grossAmount", "Gross amount", gross_value),
         _field("poNumber", "PO number", None),

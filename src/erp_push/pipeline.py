@@ -335,6 +335,8 @@ class Pusher:
         self.on_claimed = on_claimed or (lambda _n: None)
         self.report = RunReport(command="push")
         self._stop: ErpPushError | None = None
+        # Recovered invoices still pending: reported at the end unless claim finished them.
+        self._recovery_pending: list[Outcome] = []
 
     def run(self) -> RunReport:
         self.journal.start_run()
@@ -345,6 +347,7 @@ class Pusher:
                 self._recover()
                 if self._stop is None:
                     self._claim_and_deliver()
+            self._record_recovery_pending()
         finally:
             self.sessions.close()
         self.report.error = self._stop
@@ -416,10 +419,23 @@ class Pusher:
             return
         log.info("recovering %d invoice(s) left unfinished by an earlier run", len(resumable))
         for outcome in self._deliver_all(resumable):
-            if outcome.result is Result.PENDING and "lease lapsed" in (outcome.message or ""):
-                continue  # it returns through claim in this or a later run
+            if outcome.result is Result.PENDING:
+                # Its lease may have lapsed at Nuntiq while it looked alive here: then claim
+                # can hand it back to this very run, which finishes it. Reporting it now
+                # would count it twice (pending, then delivered) and fail the exit code.
+                if "lease lapsed" not in (outcome.message or ""):
+                    self._recovery_pending.append(outcome)
+                continue  # a lapsed lease: it returns through claim in this or a later run
             self.report.recovered += 1
             self._record(outcome)
+
+    def _record_recovery_pending(self) -> None:
+        """Report recovered invoices that are still pending, unless claim finished them."""
+        done = {o.invoice_token for o in self.report.outcomes}
+        for outcome in self._recovery_pending:
+            if outcome.invoice_token not in done:
+                self._record(outcome)
+        self._recovery_pending = []
 
     # --- claiming -----------------------------------------------------------------------
 

@@ -509,9 +509,10 @@ def test_transient_faults_while_finishing_are_retried(
     report = report_of(push_cli(path))
     assert report["exit_code"] == ExitCode.OK
     assert_exactly_once(sandbox, server, expected)
+    # every injected fault cost one more request (a slow machine may add a timeout retry)
     counts = sandbox.control.request_counts()
-    assert counts["acknowledge"] == 4 + 3
-    assert counts["integration_result"] == 4 + 2
+    assert 4 + 3 <= counts["acknowledge"] <= 4 * 5
+    assert 4 + 2 <= counts["integration_result"] <= 4 * 5
 
 
 @pytest.mark.parametrize(

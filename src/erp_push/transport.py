@@ -133,9 +133,21 @@ def family_names(file_name: str) -> Iterator[str]:
         yield f"{stem}-{n}{ext}"
 
 
+_DATED_STEM = re.compile(r"(?P<number>.+)-[0-9]{8}")
+
+
 def _in_family(name: str, file_name: str) -> bool:
+    """Could ``name`` hold this invoice's file? Its name on any day, with any suffix.
+
+    The date in ``<number>-<YYYYMMDD>.csv`` is the day of the push: a run that crashed
+    yesterday after publishing, and lost its journal, left the file under yesterday's
+    name. Matching any date keeps that file as proof of delivery (only an identical
+    file counts, so a wider family costs reads of same-sized candidates, nothing more).
+    """
     stem, ext = posixpath.splitext(file_name)
-    pattern = rf"{re.escape(stem)}(-[1-9][0-9]{{0,3}})?{re.escape(ext)}"
+    dated = _DATED_STEM.fullmatch(stem)
+    head = re.escape(dated["number"]) + "-[0-9]{8}" if dated else re.escape(stem)
+    pattern = rf"{head}(-[1-9][0-9]{{0,3}})?{re.escape(ext)}"
     return re.fullmatch(pattern, name, flags=re.IGNORECASE) is not None
 
 

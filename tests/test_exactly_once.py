@@ -241,11 +241,6 @@ def test_a_second_machine_without_the_journal_finds_the_delivered_file(
     cleanup_removes_only_our_tmp(path, server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publish looks for an identical file only under today's name "
-    "(<number>-<today>.csv family); without the journal, yesterday's file is not found",
-)
 def test_a_lost_journal_across_midnight_still_finds_yesterdays_file(
     sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
 ) -> None:

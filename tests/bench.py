@@ -125,8 +125,19 @@ def sftp_server(kind: str, workdir: Path) -> Iterator[SftpServerInfo]:
     root = workdir / "sftp"
     password = "bench-password"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.sftp_servers", "--root", str(root), "--port", "0",
-         "--password", password, "--host-key", str(workdir / "hostkey")],
+        [
+            sys.executable,
+            "-m",
+            "tests.sftp_servers",
+            "--root",
+            str(root),
+            "--port",
+            "0",
+            "--password",
+            password,
+            "--host-key",
+            str(workdir / "hostkey"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -137,8 +148,14 @@ def sftp_server(kind: str, workdir: Path) -> Iterator[SftpServerInfo]:
     known_hosts.write_text(lines[2].split("known_hosts line: ")[1])
     try:
         yield SftpServerInfo(
-            kind="asyncssh", host="127.0.0.1", port=port, user="erp", password=password,
-            root=root, host_key_sha256=lines[1].split()[-1], known_hosts_path=known_hosts,
+            kind="asyncssh",
+            host="127.0.0.1",
+            port=port,
+            user="erp",
+            password=password,
+            root=root,
+            host_key_sha256=lines[1].split()[-1],
+            known_hosts_path=known_hosts,
             client_key_path=None,
         )
     finally:
@@ -158,8 +175,13 @@ def _known_hosts_for(info: SftpServerInfo, port: int, workdir: Path) -> Path:
 
 
 def measure(
-    *, nuntiq: SandboxServer, sftp: SftpServerInfo, invoices: int, delay_ms: int,
-    concurrency: int, workdir: Path,
+    *,
+    nuntiq: SandboxServer,
+    sftp: SftpServerInfo,
+    invoices: int,
+    delay_ms: int,
+    concurrency: int,
+    workdir: Path,
 ) -> float:
     http_port = int(nuntiq.base_url.split(":")[2].split("/")[0])
     with SandboxControl(nuntiq.base_url, API_KEY) as control:
@@ -174,29 +196,41 @@ def measure(
             state = workdir / "state"
             shutil.rmtree(state, ignore_errors=True)
             settings = workdir / "settings.json"
-            settings.write_text(json.dumps({
-                "customer_number": "1",
-                "secrets": {"nuntiq_api_key": API_KEY, "sftp_password": sftp.password},
-                "config": {
-                    "connector_name": "bench",
-                    "nuntiq_base_url": f"http://127.0.0.1:{nport}/api",
-                    "sftp_host": "127.0.0.1", "sftp_port": sport, "sftp_user": sftp.user,
-                    "sftp_known_hosts": str(_known_hosts_for(sftp, sport, workdir)),
-                    "remote_outbox": "/outbox", "remote_sent": "/outbox/sent",
-                    "batch_size": 50, "concurrency": concurrency, "state_dir": str(state),
-                },
-            }))
+            settings.write_text(
+                json.dumps(
+                    {
+                        "customer_number": "1",
+                        "secrets": {"nuntiq_api_key": API_KEY, "sftp_password": sftp.password},
+                        "config": {
+                            "connector_name": "bench",
+                            "nuntiq_base_url": f"http://127.0.0.1:{nport}/api",
+                            "sftp_host": "127.0.0.1",
+                            "sftp_port": sport,
+                            "sftp_user": sftp.user,
+                            "sftp_known_hosts": str(_known_hosts_for(sftp, sport, workdir)),
+                            "remote_outbox": "/outbox",
+                            "remote_sent": "/outbox/sent",
+                            "batch_size": 50,
+                            "concurrency": concurrency,
+                            "state_dir": str(state),
+                        },
+                    }
+                )
+            )
             started = time.perf_counter()
             done = subprocess.run(
                 [sys.executable, "-m", "erp_push", "push", "--drain", "--settings", str(settings)],
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             )
             elapsed = time.perf_counter() - started
         statuses = list(control.statuses().values())
         files = list((sftp.root / "outbox").glob("*.csv"))
         if done.returncode != 0 or statuses.count(100) != invoices or len(files) != invoices:
-            raise SystemExit(f"run failed (exit {done.returncode}, {statuses.count(100)} at 100, "
-                             f"{len(files)} files):\n{done.stderr[-2000:]}")
+            raise SystemExit(
+                f"run failed (exit {done.returncode}, {statuses.count(100)} at 100, "
+                f"{len(files)} files):\n{done.stderr[-2000:]}"
+            )
     return invoices / elapsed
 
 
@@ -206,12 +240,17 @@ def main(argv: list[str] | None = None) -> None:
         listen, target, delay = int(argv[1]), int(argv[2]), int(argv[3]) / 1000
         asyncio.run(_proxy(listen, target, delay))
         return
-    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--invoices", type=int, default=200)
-    parser.add_argument("--server", choices=["openssh", "asyncssh"],
-                        default="openssh" if os.geteuid() == 0 and Path("/usr/sbin/sshd").exists()
-                        else "asyncssh")
+    parser.add_argument(
+        "--server",
+        choices=["openssh", "asyncssh"],
+        default="openssh" if os.geteuid() == 0 and Path("/usr/sbin/sshd").exists() else "asyncssh",
+    )
     parser.add_argument("--delay-ms", default="0,10", help="comma-separated, each way")
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated")
     parser.add_argument("--repeat", type=int, default=3)
@@ -223,18 +262,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.invoices} invoices per run, server {args.server}, median of {args.repeat}")
     print(f"{'delay each way':>15} {'in flight':>10} {'invoices/s':>11}  runs")
     try:
-        with SandboxServer(str(workdir / "nuntiq.sqlite3"), api_key=API_KEY) as nuntiq, \
-                sftp_server(args.server, workdir) as sftp:
+        with (
+            SandboxServer(str(workdir / "nuntiq.sqlite3"), api_key=API_KEY) as nuntiq,
+            sftp_server(args.server, workdir) as sftp,
+        ):
             for delay in delays:
                 for level in levels:
                     runs = [
-                        measure(nuntiq=nuntiq, sftp=sftp, invoices=args.invoices,
-                                delay_ms=delay, concurrency=level, workdir=workdir)
+                        measure(
+                            nuntiq=nuntiq,
+                            sftp=sftp,
+                            invoices=args.invoices,
+                            delay_ms=delay,
+                            concurrency=level,
+                            workdir=workdir,
+                        )
                         for _ in range(args.repeat)
                     ]
                     shown = ", ".join(f"{r:.1f}" for r in runs)
-                    print(f"{delay:>12} ms {level:>10} {statistics.median(runs):>11.1f}  [{shown}]",
-                          flush=True)
+                    print(
+                        f"{delay:>12} ms {level:>10} {statistics.median(runs):>11.1f}  [{shown}]",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -51,7 +51,11 @@ def cli(
         env["_ERP_PUSH_KILL_AT"] = kill_at
     return subprocess.run(
         [sys.executable, "-m", "erp_push", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -197,16 +201,23 @@ SECOND_MACHINE_CASES = [
     pytest.param("acknowledged", True, "asyncssh", id="acknowledged-in_sent"),
     # rename overwrites, no hardlink: publish must still find the file, not replace it
     pytest.param("acknowledged", False, "rename_overwrites", id="acknowledged-overwriting"),
-    pytest.param("published", True, "openssh", id="published-in_sent-openssh",
-                 marks=pytest.mark.sshd),
+    pytest.param(
+        "published", True, "openssh", id="published-in_sent-openssh", marks=pytest.mark.sshd
+    ),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("step", "moved_to_sent", "kind"), SECOND_MACHINE_CASES)
 def test_a_second_machine_without_the_journal_finds_the_delivered_file(
-    step: str, moved_to_sent: bool, kind: str, sandbox: Sandbox, request: pytest.FixtureRequest,
-    sftp_server_factory: Factory, make_settings: MakeSettings, tmp_path: Path,
+    step: str,
+    moved_to_sent: bool,
+    kind: str,
+    sandbox: Sandbox,
+    request: pytest.FixtureRequest,
+    sftp_server_factory: Factory,
+    make_settings: MakeSettings,
+    tmp_path: Path,
 ) -> None:
     """G2: the journal is gone (state_dir removed: another machine takes over). The
     identical file in the outbox, or in sent/ where the ERP moved it, is the proof."""
@@ -325,8 +336,11 @@ def test_an_unpublished_crash_waits_for_its_lease_and_is_not_resumed_early(
 @pytest.mark.slow
 @pytest.mark.parametrize("journals", ["shared", "separate"])
 def test_concurrent_runs_deliver_each_invoice_once(
-    journals: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo,
-    make_settings: MakeSettings, tmp_path: Path,
+    journals: str,
+    sandbox: Sandbox,
+    asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    tmp_path: Path,
 ) -> None:
     """G2: four push processes drain one queue into one folder at the same time."""
     count = 400 if journals == "shared" else 200
@@ -341,7 +355,10 @@ def test_concurrent_runs_deliver_each_invoice_once(
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "erp_push", "push", "--settings", str(s), "--drain", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
             stdin=subprocess.DEVNULL,
         )
         for s in settings
@@ -383,7 +400,10 @@ def _stranger_takes_a_name(
 @pytest.mark.parametrize("hardlink", [True, False], ids=["hardlink", "rename"])
 @pytest.mark.parametrize("quirk", ["rename_overwrites", "generic_failure", "no_posix_rename"])
 def test_servers_with_odd_renames_deliver_all_and_clobber_nothing(
-    quirk: str, hardlink: bool, sandbox: Sandbox, sftp_server_factory: Factory,
+    quirk: str,
+    hardlink: bool,
+    sandbox: Sandbox,
+    sftp_server_factory: Factory,
     make_settings: MakeSettings,
 ) -> None:
     """G2, G4: a name already taken (by a stranger) is never overwritten, whatever the
@@ -467,7 +487,10 @@ def test_a_connection_lost_right_after_publishing_is_not_a_second_upload(
     [("permission_denied_write", "SFTP_PERMISSION_DENIED"), ("disk_full", "SFTP_DISK_FULL")],
 )
 def test_write_refusals_fail_each_invoice_alone_with_a_code(
-    quirk: str, code: str, sandbox: Sandbox, sftp_server_factory: Factory,
+    quirk: str,
+    code: str,
+    sandbox: Sandbox,
+    sftp_server_factory: Factory,
     make_settings: MakeSettings,
 ) -> None:
     server = sftp_server_factory(quirk)
@@ -491,15 +514,28 @@ def test_transient_faults_while_finishing_are_retried(
     server = asyncssh_sftp
     tokens = sandbox.control.seed(4)
     expected = expected_files(sandbox, tokens)
-    sandbox.control.set_faults([
-        {"endpoint": "acknowledge", "kind": "status", "status": 503, "retry_after": 0, "count": 2},
-        {"endpoint": "acknowledge", "kind": "reset", "count": 1},
-        {"endpoint": "integration_result", "kind": "status", "status": 429, "retry_after": 1,
-         "count": 1},
-        # slower than nuntiq_timeout_seconds: the request is applied late, and the retry
-        # must be idempotent (same lease: 93 -> 93, 100 -> 100)
-        {"endpoint": "integration_result", "kind": "latency", "latency_ms": 1500, "count": 1},
-    ])
+    sandbox.control.set_faults(
+        [
+            {
+                "endpoint": "acknowledge",
+                "kind": "status",
+                "status": 503,
+                "retry_after": 0,
+                "count": 2,
+            },
+            {"endpoint": "acknowledge", "kind": "reset", "count": 1},
+            {
+                "endpoint": "integration_result",
+                "kind": "status",
+                "status": 429,
+                "retry_after": 1,
+                "count": 1,
+            },
+            # slower than nuntiq_timeout_seconds: the request is applied late, and the retry
+            # must be idempotent (same lease: 93 -> 93, 100 -> 100)
+            {"endpoint": "integration_result", "kind": "latency", "latency_ms": 1500, "count": 1},
+        ]
+    )
     path = make_settings(server, config={"nuntiq_timeout_seconds": 1})
     report = report_of(push_cli(path))
     assert report["exit_code"] == ExitCode.OK
@@ -516,8 +552,12 @@ def test_transient_faults_while_finishing_are_retried(
     ids=["acknowledge-lease_alive", "result-lease_alive", "result-lease_lapsed"],
 )
 def test_persistent_faults_leave_the_journal_to_finish_without_a_second_upload(
-    endpoint: str, lapse: bool, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo,
-    make_settings: MakeSettings, tmp_path: Path,
+    endpoint: str,
+    lapse: bool,
+    sandbox: Sandbox,
+    asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    tmp_path: Path,
 ) -> None:
     """G1, G2: Nuntiq keeps refusing after the upload (503 "come back in 5 minutes",
     longer than the client waits, so it gives up at once). The run says "pending"
@@ -589,8 +629,15 @@ def test_an_invoice_recovery_could_not_finish_is_counted_once_when_claim_finishe
     sandbox.control.advance_clock(LEASE_TTL + 1)
     # recovery's acknowledge meets one 503 "come back in 5 minutes": no retry, pending
     sandbox.control.set_faults(
-        [{"endpoint": "acknowledge", "kind": "status", "status": 503, "retry_after": 300,
-          "count": 1}]
+        [
+            {
+                "endpoint": "acknowledge",
+                "kind": "status",
+                "status": 503,
+                "retry_after": 300,
+                "count": 1,
+            }
+        ]
     )
     report = report_of(push_cli(path))
     assert [o["result"] for o in report["invoices"]] == ["already_delivered"]

@@ -396,3 +396,29 @@ def test_delta_stream_records_the_run_and_its_failure_never_undoes_delivery(
     report = push(path)
     assert report.exit_code == ExitCode.OK
     assert set(sandbox.control.statuses().values()) == {100}
+
+
+def test_parallel_workers_share_one_ssh_login(
+    sandbox: Sandbox, openssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """Invoices in flight at once use SFTP channels on one connection: one login per run
+    (ERP servers limit logins), falling back to more connections only when refused."""
+    from erp_push.transport import SftpSession
+
+    openssh_sftp.clear()
+    sandbox.control.seed(12)
+    settings = load_settings(
+        make_settings(openssh_sftp, config={"concurrency": 4}), needs=PUSH_NEEDS
+    )
+    logins: list[SftpSession] = []
+    real_connect = commands.sftp_connector(settings)
+
+    def counting_connect() -> SftpSession:
+        session = real_connect()
+        logins.append(session)
+        return session
+
+    report = commands.push(settings, connect_sftp=counting_connect)
+    assert report.count(Result.DELIVERED) == 12
+    assert len(logins) == 1
+    assert len(openssh_sftp.files()) == 12

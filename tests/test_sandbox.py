@@ -33,8 +33,9 @@ CLAIM = "/v1/invoices/claim"
 
 @pytest.fixture
 def api(sandbox: Sandbox) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sandbox.base_url, headers={"X-API-Key": sandbox.api_key},
-                      timeout=30, verify=False) as client:  # plain HTTP: no CA loading
+    with httpx.Client(
+        base_url=sandbox.base_url, headers={"X-API-Key": sandbox.api_key}, timeout=30, verify=False
+    ) as client:  # plain HTTP: no CA loading
         yield client
 
 
@@ -50,8 +51,9 @@ def ack(api: httpx.Client, token: str, lease: str) -> httpx.Response:
     return api.post(f"/v1/invoices/{token}/acknowledge", json={"lease_token": lease})
 
 
-def result(api: httpx.Client, token: str, lease: str, success: bool = True,
-           query: str = "", **extra: Any) -> httpx.Response:
+def result(
+    api: httpx.Client, token: str, lease: str, success: bool = True, query: str = "", **extra: Any
+) -> httpx.Response:
     body = {"lease_token": lease, "success": success, **extra}
     return api.post(f"/v1/invoices/{token}/integration-result{query}", json=body)
 
@@ -94,12 +96,22 @@ def test_claim_acknowledge_success_flow(sandbox: Sandbox, api: httpx.Client) -> 
     again = AcknowledgeResponse.model_validate(ack(api, token, lease).json())
     assert again.status_changed is False and again.idempotent is True
 
-    r = result(api, token, lease, True, "?debug=true", external_id_1="/outbox/INV-000001.csv",
-               external_message_1="SFTP_DELIVERED")
+    r = result(
+        api,
+        token,
+        lease,
+        True,
+        "?debug=true",
+        external_id_1="/outbox/INV-000001.csv",
+        external_message_1="SFTP_DELIVERED",
+    )
     assert r.status_code == 200, r.text
     res = IntegrationResultResponse.model_validate(r.json())
     assert (res.previous_status, res.new_status, res.status_changed) == (
-        "PendingResult", "Processed", True)
+        "PendingResult",
+        "Processed",
+        True,
+    )
     assert (res.previous_status_code, res.new_status_code) == (93, 100)
     assert res.new_status_info is not None and res.new_status_info.key == "PROCESSED"
     assert res.invoice_token == token
@@ -126,14 +138,19 @@ def test_failure_flow_straight_from_92(sandbox: Sandbox, api: httpx.Client) -> N
     r = result(api, token, lt, False, failure_code="RENDER_FAILED", failure_message="bad date")
     assert r.status_code == 200, r.text
     assert (r.json()["previous_status"], r.json()["new_status"]) == (
-        "PendingAcknowledgement", "IntegrationFailed")
+        "PendingAcknowledgement",
+        "IntegrationFailed",
+    )
     again = result(api, token, lt, False, failure_code="RENDER_FAILED", failure_message="x")
     assert again.status_code == 200 and again.json()["status_changed"] is False
     assert_error(result(api, token, lt, True), 409, "INVALID_TRANSITION")
     assert_error(result(api, token, lt, False, failure_code="OTHER"), 409, "INVALID_TRANSITION")
     row = sandbox.control.invoice(token)
     assert (row["status"], row["failure_code"], row["failure_message"]) == (
-        97, "RENDER_FAILED", "bad date")
+        97,
+        "RENDER_FAILED",
+        "bad date",
+    )
 
 
 def test_acknowledge_and_result_errors(sandbox: Sandbox, api: httpx.Client) -> None:
@@ -217,10 +234,17 @@ def test_result_validation(sandbox: Sandbox, api: httpx.Client, body: dict[str, 
 def test_result_accepts_the_bounds(sandbox: Sandbox, api: httpx.Client) -> None:
     sandbox.control.seed(1)
     (lease,) = claim(api)
-    r = result(api, lease["invoice_token"], lease["lease_token"], False,
-               failure_code="A" + "B_9" * 21, failure_message="m" * 500,
-               external_id_3="i" * 255, external_message_2="m" * 255,
-               external_id_1="\N{GRINNING FACE}" * 127 + "x")  # 255 UTF-16 units
+    r = result(
+        api,
+        lease["invoice_token"],
+        lease["lease_token"],
+        False,
+        failure_code="A" + "B_9" * 21,
+        failure_message="m" * 500,
+        external_id_3="i" * 255,
+        external_message_2="m" * 255,
+        external_id_1="\N{GRINNING FACE}" * 127 + "x",
+    )  # 255 UTF-16 units
     assert r.status_code == 200, r.text
 
 
@@ -312,10 +336,12 @@ def test_idempotency_key(sandbox: Sandbox, api: httpx.Client) -> None:
 
 
 def test_claim_filters_ext_reference_case_insensitively(
-        sandbox: Sandbox, api: httpx.Client) -> None:
+    sandbox: Sandbox, api: httpx.Client
+) -> None:
     sandbox.control.seed(20)
-    by_company = {row["invoice_token"]: row["ext_reference_1"]
-                  for row in sandbox.control.invoices()}
+    by_company = {
+        row["invoice_token"]: row["ext_reference_1"] for row in sandbox.control.invoices()
+    }
     assert set(by_company.values()) == {"ACME", "GLOBEX"}
     leases = claim(api, limit=50, ext_reference_1="acme")
     assert leases and all(by_company[x["invoice_token"]] == "ACME" for x in leases)
@@ -332,8 +358,9 @@ def test_concurrent_claims_never_share_an_invoice(sandbox: Sandbox) -> None:
 
     def worker(i: int) -> None:
         try:
-            with httpx.Client(base_url=sandbox.base_url, timeout=60,
-                              headers={"X-API-Key": sandbox.api_key}) as client:
+            with httpx.Client(
+                base_url=sandbox.base_url, timeout=60, headers={"X-API-Key": sandbox.api_key}
+            ) as client:
                 barrier.wait()
                 while True:
                     r = client.post(CLAIM, json={"state": "PendingIntegration", "limit": 7})
@@ -373,16 +400,14 @@ def test_attachment_download(sandbox: Sandbox, api: httpx.Client) -> None:
         assert r.status_code == 200
         data = b"".join(r.iter_bytes())
     assert r.headers["Content-Type"] == "application/pdf"
-    assert r.headers["Content-Disposition"].startswith(
-        f'attachment; filename="{pdf["file_name"]}"')
+    assert r.headers["Content-Disposition"].startswith(f'attachment; filename="{pdf["file_name"]}"')
     assert data.startswith(b"%PDF-") and int(r.headers["Content-Length"]) == len(data) > 65536
 
     r = api.get(f"/v1/attachment/{png['attachment_token']}", params={"inline": "true"})
     assert r.headers["Content-Disposition"].startswith("inline")
     assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
 
-    assert_error(api.get("/v1/attachment/00000000-0000-4000-8000-000000000000"), 404,
-                 "NOT_FOUND")
+    assert_error(api.get("/v1/attachment/00000000-0000-4000-8000-000000000000"), 404, "NOT_FOUND")
     assert_error(api.get("/v1/attachment/not-a-token"), 400, "VALIDATION_ERROR")
 
 
@@ -398,19 +423,26 @@ def test_delta_stream(sandbox: Sandbox, api: httpx.Client) -> None:
     body = {"new_cursor_value": "2024-01-01T00:00:00Z", "records_processed": 1, "metadata": {}}
     assert_error(api.post(base + "/complete", json=body), 404, "NOT_FOUND")
     assert_error(api.post(base + "/fail", json={"error_summary": "x"}), 404, "NOT_FOUND")
-    assert_error(api.post(base + "/begin", json={"cursor_type": "vector_clock"}), 422,
-                 "INVALID_CURSOR_TYPE")
+    assert_error(
+        api.post(base + "/begin", json={"cursor_type": "vector_clock"}), 422, "INVALID_CURSOR_TYPE"
+    )
 
     r = api.post(base + "/begin", json={"cursor_type": "timestamp_utc"})
     begun = DeltaStreamState.model_validate(r.json())
     assert (begun.status, begun.committed_cursor_value) == ("running", None)
     assert begun.started_at_utc is not None
 
-    body = {"new_cursor_value": "2024-05-01T10:00:00Z", "records_processed": 3,
-            "metadata": {"run_id": "r1"}}
+    body = {
+        "new_cursor_value": "2024-05-01T10:00:00Z",
+        "records_processed": 3,
+        "metadata": {"run_id": "r1"},
+    }
     done = DeltaStreamState.model_validate(api.post(base + "/complete", json=body).json())
     assert (done.status, done.committed_cursor_value, done.records_processed) == (
-        "succeeded", "2024-05-01T10:00:00Z", 3)
+        "succeeded",
+        "2024-05-01T10:00:00Z",
+        3,
+    )
     assert done.metadata == {"run_id": "r1"} and done.committed_at_utc is not None
 
     again = api.post(base + "/begin", json={"cursor_type": "timestamp_utc"}).json()
@@ -423,8 +455,10 @@ def test_delta_stream(sandbox: Sandbox, api: httpx.Client) -> None:
     failed = api.post(base + "/fail", json={"error_summary": "sftp down"}).json()
     assert (failed["status"], failed["error_summary"]) == ("failed", "sftp down")
     assert failed["committed_cursor_value"] == "2024-05-01T10:00:00Z"  # unchanged
-    assert api.post(base + "/begin", json={"cursor_type": "timestamp_utc"}).json()[
-        "error_summary"] is None  # cleared by the next begin
+    assert (
+        api.post(base + "/begin", json={"cursor_type": "timestamp_utc"}).json()["error_summary"]
+        is None
+    )  # cleared by the next begin
     assert api.get(base).json()["status"] == "running"
 
 
@@ -439,8 +473,7 @@ def test_delta_numeric_and_opaque_cursors(sandbox: Sandbox, api: httpx.Client) -
     opaque = "/v1/delta/streams/c/opaque"
     api.post(opaque + "/begin", json={"cursor_type": "opaque_token"})
     for value in ("zzz", "aaa"):  # any different value is an advance
-        r = api.post(opaque + "/complete", json={"new_cursor_value": value,
-                                                 "records_processed": 0})
+        r = api.post(opaque + "/complete", json={"new_cursor_value": value, "records_processed": 0})
         assert r.status_code == 200
 
 
@@ -450,7 +483,8 @@ def test_delta_numeric_and_opaque_cursors(sandbox: Sandbox, api: httpx.Client) -
 def test_status_fault_with_retry_after_and_count(sandbox: Sandbox, api: httpx.Client) -> None:
     sandbox.control.seed(1)
     sandbox.control.set_faults(
-        [{"endpoint": "claim", "kind": "status", "status": 429, "retry_after": 7, "count": 2}])
+        [{"endpoint": "claim", "kind": "status", "status": 429, "retry_after": 7, "count": 2}]
+    )
     for _ in range(2):
         r = api.post(CLAIM, json={"state": "PendingIntegration", "limit": 1})
         assert_error(r, 429, "RATE_LIMITED")
@@ -472,10 +506,12 @@ def test_reset_fault_drops_the_connection(sandbox: Sandbox, api: httpx.Client) -
 
 def test_wildcard_latency_and_probability_rules(sandbox: Sandbox, api: httpx.Client) -> None:
     (token,) = sandbox.control.seed(1)
-    sandbox.control.set_faults([
-        {"endpoint": "*", "kind": "latency", "latency_ms": 20},
-        {"endpoint": "*", "kind": "status", "status": 503, "probability": 0.0},
-    ])
+    sandbox.control.set_faults(
+        [
+            {"endpoint": "*", "kind": "latency", "latency_ms": 20},
+            {"endpoint": "*", "kind": "status", "status": 503, "probability": 0.0},
+        ]
+    )
     assert api.get(f"/v1/invoices/{token}").status_code == 200
     sandbox.control.set_faults([{"endpoint": "*", "kind": "status", "status": 502}])
     assert_error(api.get(f"/v1/invoices/{token}"), 502, "BAD_GATEWAY")
@@ -549,7 +585,8 @@ def test_normal_seed_is_boring_and_deterministic(sandbox: Sandbox, api: httpx.Cl
     sandbox.control.reset()
     assert sandbox.control.seed(30, seed=7) == tokens  # same seed, empty db: same invoices
     assert [api.get(f"/v1/invoices/{t}").json()["invoice"]["fields"] for t in tokens] == [
-        d["invoice"]["fields"] for d in details]
+        d["invoice"]["fields"] for d in details
+    ]
 
 
 def test_awkward_seed_contains_every_case(sandbox: Sandbox, api: httpx.Client) -> None:
@@ -576,7 +613,9 @@ def test_awkward_seed_contains_every_case(sandbox: Sandbox, api: httpx.Client) -
     assert any(isinstance(m, str) for m in money) and any(isinstance(m, float) for m in money)
     assert any(
         not any(a["address_type"] == "vendor" for a in d["invoice"]["addresses"])
-        and field(d, "supplierCode") is None for d in details)
+        and field(d, "supplierCode") is None
+        for d in details
+    )
     assert max(len(d["invoice"]["lines"]) for d in details) >= 300
     assert sum(len(d["invoice"]["attachments"]) for d in details) >= 2
 
@@ -607,12 +646,15 @@ def test_auth(sandbox: Sandbox) -> None:
 
 
 def test_two_servers_on_one_database_share_the_clock_and_state(
-        sandbox: Sandbox, sandbox_server: SandboxServer) -> None:
+    sandbox: Sandbox, sandbox_server: SandboxServer
+) -> None:
     from tests.sandbox.control import SandboxControl
 
     tokens = sandbox.control.seed(2)
-    with SandboxServer(sandbox_server.db_path, api_key="k2") as other, \
-            SandboxControl(other.base_url, "k2") as ctl2:
+    with (
+        SandboxServer(sandbox_server.db_path, api_key="k2") as other,
+        SandboxControl(other.base_url, "k2") as ctl2,
+    ):
         now = ctl2.advance_clock(3600)
         assert sandbox.control.now() >= now
         assert list(ctl2.statuses()) == tokens
@@ -620,9 +662,21 @@ def test_two_servers_on_one_database_share_the_clock_and_state(
 
 def test_command_line_entry_point(tmp_path: Any) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.sandbox", "--port", "0", "--api-key", "k",
-         "--db", str(tmp_path / "cli.sqlite3"), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.sandbox",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--db",
+            str(tmp_path / "cli.sqlite3"),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

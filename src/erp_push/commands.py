@@ -15,7 +15,7 @@ from pathlib import Path
 from erp_push.claim import NuntiqClient
 from erp_push.errors import NuntiqError, RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
-from erp_push.pipeline import PushPlan, Pusher
+from erp_push.pipeline import Pusher, PushPlan
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, RunReport
 from erp_push.settings import Settings
@@ -85,7 +85,9 @@ def field_keys(settings: Settings) -> FieldKeys:
     )
 
 
-def push_plan(settings: Settings, *, drain: bool = False, max_invoices: int | None = None) -> PushPlan:
+def push_plan(
+    settings: Settings, *, drain: bool = False, max_invoices: int | None = None
+) -> PushPlan:
     cfg = settings.config
     assert cfg.remote_outbox is not None
     return PushPlan(
@@ -183,7 +185,10 @@ def dry_run(
             invoice = client.get_invoice(lease.invoice_token).invoice
             try:
                 rendered.append(
-                    (lease.invoice_token, render_invoice(invoice, keys=plan.field_keys, today=today))
+                    (
+                        lease.invoice_token,
+                        render_invoice(invoice, keys=plan.field_keys, today=today),
+                    )
                 )
             except RenderError as exc:
                 rendered.append((lease.invoice_token, exc))

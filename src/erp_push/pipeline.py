@@ -142,11 +142,23 @@ class SessionPool:
     def close(self) -> None:
         with self._lock:
             sessions, self._all = self._all, []
-        for s in sessions:
-            s.close()
+        # Channels first, then the connections they run on.
+        for session in sorted(sessions, key=lambda session: session.owns_connection):
+            session.close()
 
     def _open(self) -> SftpSession:
-        session = self._connect()
+        # Extra workers get their own SFTP channel on an existing connection: one SSH
+        # login per run, not one per worker (servers limit logins, and each costs ~0.2 s).
+        with self._lock:
+            base = next((s for s in self._all if s.owns_connection and s.connected), None)
+        session: SftpSession | None = None
+        if base is not None:
+            try:
+                session = base.open_channel()
+            except SftpUnreachable as exc:
+                log.info("%s; opening another connection", exc)
+        if session is None:
+            session = self._connect()
         with self._lock:
             self._all.append(session)
         return session
@@ -219,47 +231,46 @@ class InvoiceWorker:
             token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
         )
         try:
-            delivery = self._publish(file, earlier_name=entry.file_name)
+            delivery = self._publish(file)
         except SftpOperationError as exc:
             self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
             return Outcome(
-                token, Result.FAILED, file.invoice_number,
-                failure_code=exc.failure_code, message=truncate(str(exc)),
+                token,
+                Result.FAILED,
+                file.invoice_number,
+                failure_code=exc.failure_code,
+                message=truncate(str(exc)),
             )
         self.journal.record_published(token, delivery.remote_path)
         crash_point("published_recorded")
         result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
         return Outcome(token, result, file.invoice_number, delivery.remote_path)
 
-    def _publish(self, file: RenderedFile, *, earlier_name: str | None) -> Delivery:
-        """Publish ``file``, once: after a dropped connection, look before uploading again."""
+    def _publish(self, file: RenderedFile) -> Delivery:
+        """Publish ``file``, once: after a dropped connection, look before uploading again.
+
+        ``publish`` itself first looks for an identical file under the invoice's name on
+        any day (outbox and sent/), so the retry on a fresh connection finds a file the
+        server published just before the connection dropped, and uploads nothing.
+        """
         outbox, sent = self.plan.outbox, self.plan.sent
-        # A crash after an earlier run published, but before it journaled, on another
-        # day: the identical file sits under the earlier day's name.
-        if earlier_name and earlier_name != file.file_name:
-            with self.sessions.session() as sftp:
-                found = sftp.find_delivered(outbox, sent, replace(file, file_name=earlier_name))
-            if found:
-                return Delivery(remote_path=found, already_delivered=True)
         try:
             with self.sessions.session() as sftp:
                 return sftp.publish(outbox, sent, file, fault=self.fault)
         except SftpUnreachable as exc:
-            # The server may have published before the connection dropped: a fresh
-            # session checks for our identical file first, and only then uploads.
             log.warning(
                 "SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc
             )
             with self.sessions.session() as sftp:
-                found = sftp.find_delivered(outbox, sent, file)
-                if found:
-                    return Delivery(remote_path=found, already_delivered=True)
                 return sftp.publish(outbox, sent, file, fault=self.fault)
 
     def _failure(self, entry: Entry, code: str | None, message: str | None) -> Outcome:
         return Outcome(
-            entry.invoice_token, Result.FAILED, entry.invoice_number,
-            failure_code=code or "UNKNOWN_FAILURE", message=message,
+            entry.invoice_token,
+            Result.FAILED,
+            entry.invoice_number,
+            failure_code=code or "UNKNOWN_FAILURE",
+            message=message,
         )
 
     def _finish(self, lease: Lease, outcome: Outcome) -> Outcome:
@@ -279,7 +290,8 @@ class InvoiceWorker:
             return self._settle_conflict(outcome)
         except LeaseExpired:
             return replace(
-                outcome, result=Result.PENDING,
+                outcome,
+                result=Result.PENDING,
                 message="lease lapsed before the result was reported; the next run finishes it",
             )
         except NuntiqAuthError:
@@ -287,7 +299,8 @@ class InvoiceWorker:
         except NuntiqError as exc:
             log.warning("could not finish %s with Nuntiq: %s", token, exc)
             return replace(
-                outcome, result=Result.PENDING,
+                outcome,
+                result=Result.PENDING,
                 message=f"Nuntiq did not take the result ({exc}); the next run finishes it",
             )
 
@@ -300,7 +313,8 @@ class InvoiceWorker:
         else:
             self.journal.forget(token)  # e.g. 95/96/98: not ours to touch
         return replace(
-            outcome, result=Result.PENDING if status not in FINISHED_STATUSES else outcome.result,
+            outcome,
+            result=Result.PENDING if status not in FINISHED_STATUSES else outcome.result,
             message=f"Nuntiq reports status {status}; left as it is",
         )
 
@@ -328,8 +342,12 @@ class Pusher:
         self.plan = plan
         self.sessions = SessionPool(connect_sftp)
         self.worker = InvoiceWorker(
-            nuntiq=nuntiq, sessions=self.sessions, journal=journal, plan=plan,
-            today=today or datetime.now(UTC).date(), fault=fault,
+            nuntiq=nuntiq,
+            sessions=self.sessions,
+            journal=journal,
+            plan=plan,
+            today=today or datetime.now(UTC).date(),
+            fault=fault,
         )
         self.on_outcome = on_outcome or (lambda _o: None)
         self.on_claimed = on_claimed or (lambda _n: None)
@@ -379,18 +397,25 @@ class Pusher:
             **{r.value: report.count(r) for r in Result},
             "remote_outbox": self.plan.outbox,
         }
-        self._delta_call("complete", lambda: self.nuntiq.delta_complete(
-            connector, DELTA_STREAM, new_cursor_value=cursor,
-            records_processed=len(report.outcomes), metadata=metadata,
-        ))
+        self._delta_call(
+            "complete",
+            lambda: self.nuntiq.delta_complete(
+                connector,
+                DELTA_STREAM,
+                new_cursor_value=cursor,
+                records_processed=len(report.outcomes),
+                metadata=metadata,
+            ),
+        )
 
     def _delta_call(self, what: str, call: Callable[[], object]) -> bool:
         try:
             call()
             return True
         except NuntiqError as exc:
-            log.warning("delta stream %s %s failed (deliveries are unaffected): %s",
-                        DELTA_STREAM, what, exc)
+            log.warning(
+                "delta stream %s %s failed (deliveries are unaffected): %s", DELTA_STREAM, what, exc
+            )
             return False
 
     # --- recovery -----------------------------------------------------------------------
@@ -468,11 +493,18 @@ class Pusher:
                 self._record(outcome)
 
     def _claim(self, limit: int) -> list[Lease]:
+        ttl = self.plan.lease_ttl_seconds
+        asked_at = datetime.now(UTC)
         try:
-            leases = self.nuntiq.claim(limit=limit, lease_ttl_seconds=self.plan.lease_ttl_seconds)
+            leases = self.nuntiq.claim(limit=limit, lease_ttl_seconds=ttl)
         except NuntiqError as exc:
             self._stop = exc
             return []
+        # Lease deadlines are kept by our own clock: when we asked, plus the TTL we asked
+        # for. That is never later than the real expiry, whatever Nuntiq's clock says, so
+        # clock skew cannot make us upload on a lease that has already lapsed.
+        deadline = asked_at + timedelta(seconds=ttl)
+        leases = [lease.model_copy(update={"lease_expires_at": deadline}) for lease in leases]
         self.report.claimed += len(leases)
         self.on_claimed(len(leases))
         return leases
@@ -484,10 +516,13 @@ class Pusher:
         except SftpError as exc:
             self._stop = exc
             for lease in leases:
-                self._record(Outcome(
-                    lease.invoice_token, Result.PENDING,
-                    message="SFTP unreachable; claimable again when its lease lapses",
-                ))
+                self._record(
+                    Outcome(
+                        lease.invoice_token,
+                        Result.PENDING,
+                        message="SFTP unreachable; claimable again when its lease lapses",
+                    )
+                )
             return False
 
     def _deliver_all(self, work: list[tuple[Lease, Entry]]) -> Iterator[Outcome]:
@@ -497,22 +532,35 @@ class Pusher:
 
     def _deliver_one(self, lease: Lease, entry: Entry) -> Outcome:
         if self._stop is not None:
-            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
-                           message=f"run stopped: {self._stop}")
+            return Outcome(
+                lease.invoice_token,
+                Result.PENDING,
+                entry.invoice_number,
+                message=f"run stopped: {self._stop}",
+            )
         try:
             return self.worker.deliver(lease, entry)
         except RunStopped as stop:
             self._stop = self._stop or stop.error
-            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
-                           message=f"run stopped: {stop.error}")
+            return Outcome(
+                lease.invoice_token,
+                Result.PENDING,
+                entry.invoice_number,
+                message=f"run stopped: {stop.error}",
+            )
         except NuntiqError as exc:
             # get_invoice failed after its retries: the lease lapses and it comes back.
-            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
-                           message=f"Nuntiq: {exc}")
+            return Outcome(
+                lease.invoice_token, Result.PENDING, entry.invoice_number, message=f"Nuntiq: {exc}"
+            )
         except Exception as exc:  # a bug must not lose the batch: journal keeps the state
             log.exception("unexpected error delivering %s", lease.invoice_token)
-            return Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number,
-                           message=f"unexpected error: {type(exc).__name__}")
+            return Outcome(
+                lease.invoice_token,
+                Result.PENDING,
+                entry.invoice_number,
+                message=f"unexpected error: {type(exc).__name__}",
+            )
 
     def _record(self, outcome: Outcome) -> None:
         self.report.add(outcome)

@@ -356,10 +356,18 @@ def _prefer_key_types(transport: Any, trusted: dict[str, Any]) -> None:
 class SftpSession:
     """One verified, authenticated SFTP connection to the ERP's server."""
 
-    def __init__(self, options: SftpOptions, transport: Any, sftp: _SftpClient) -> None:
+    def __init__(
+        self,
+        options: SftpOptions,
+        transport: Any,
+        sftp: _SftpClient,
+        *,
+        owns_connection: bool = True,
+    ) -> None:
         self.options = options
         self._transport = transport
         self._sftp = sftp
+        self.owns_connection = owns_connection  # False for extra channels (open_channel)
         # Servers may advertise hardlink yet fail it (e.g. a filesystem without links);
         # after the first such failure we use rename for the rest of the session.
         self._use_hardlink = sftp.has_hardlink
@@ -399,8 +407,35 @@ class SftpSession:
         log.debug("connected to %s (hardlink: %s)", options.address, sftp.has_hardlink)
         return cls(options, transport, sftp)
 
+    def open_channel(self) -> SftpSession:
+        """Another SFTP session over this same SSH connection: parallel work, one login.
+
+        Each channel has its own request stream, so workers never share paramiko's
+        client. Servers cap channels per connection (OpenSSH ``MaxSessions``, 10 by
+        default): a refusal raises SftpUnreachable and the caller opens a new connection.
+        """
+        try:
+            sftp = _SftpClient.from_transport(self._transport)
+            if sftp is None:
+                raise paramiko.SSHException("the server refused another SFTP channel")
+            sftp.get_channel().settimeout(self.options.operation_timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise SftpUnreachable(
+                _short(
+                    f"cannot open another SFTP channel to {self.options.address}: {_reason(exc)}"
+                )
+            ) from None
+        return SftpSession(self.options, self._transport, sftp, owns_connection=False)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._transport.is_active())
+
     def close(self) -> None:
-        self._transport.close()
+        if self.owns_connection:
+            self._transport.close()  # closes every channel on it too
+        else:
+            self._sftp.close()
 
     def __enter__(self) -> Self:
         return self

@@ -17,15 +17,20 @@ from tests.sandbox.server import SandboxServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.sandbox",
-                                     description="Nuntiq sandbox (development tooling).")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.sandbox", description="Nuntiq sandbox (development tooling)."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--api-key", default="sandbox-key")
-    parser.add_argument("--readonly-api-key", default=None,
-                        help="a second key that may GET but gets 403 FORBIDDEN on POST")
-    parser.add_argument("--db", default=None,
-                        help="SQLite file (default: a temporary file, deleted on exit)")
+    parser.add_argument(
+        "--readonly-api-key",
+        default=None,
+        help="a second key that may GET but gets 403 FORBIDDEN on POST",
+    )
+    parser.add_argument(
+        "--db", default=None, help="SQLite file (default: a temporary file, deleted on exit)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
     args = parser.parse_args(argv)
 
@@ -35,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         tmpdir = tempfile.mkdtemp(prefix="nuntiq-sandbox-")
         db = os.path.join(tmpdir, "sandbox.sqlite3")
 
-    server = SandboxServer(db, api_key=args.api_key, host=args.host, port=args.port,
-                           readonly_api_key=args.readonly_api_key, verbose=not args.quiet)
+    server = SandboxServer(
+        db,
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        readonly_api_key=args.readonly_api_key,
+        verbose=not args.quiet,
+    )
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # unwinds serve_forever exactly like Ctrl-C
@@ -44,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.build()
-        print(f"Nuntiq sandbox at {server.base_url} (X-API-Key: {args.api_key}; db: {db};"
-              " Ctrl-C stops)", flush=True)
+        print(
+            f"Nuntiq sandbox at {server.base_url} (X-API-Key: {args.api_key}; db: {db};"
+            " Ctrl-C stops)",
+            flush=True,
+        )
         server.serve_forever()
     except KeyboardInterrupt:
         pass

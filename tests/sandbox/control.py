@@ -1,8 +1,8 @@
 """A tiny client for the sandbox's ``/_sandbox`` test controls (never used by erp-push).
 
-    with SandboxControl("http://127.0.0.1:8765/api", "sandbox-key") as ctl:
-        tokens = ctl.seed(10, awkward=True)
-        ctl.set_faults([{"endpoint": "claim", "kind": "status", "status": 503, "count": 2}])
+with SandboxControl("http://127.0.0.1:8765/api", "sandbox-key") as ctl:
+    tokens = ctl.seed(10, awkward=True)
+    ctl.set_faults([{"endpoint": "claim", "kind": "status", "status": 503, "count": 2}])
 """
 
 from __future__ import annotations

@@ -37,9 +37,16 @@ UUID_RE = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 
 # The machine code an injected status fault carries in its error body.
 FAULT_CODES = {
-    400: "VALIDATION_ERROR", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
-    409: "CONFLICT", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 502: "BAD_GATEWAY",
-    503: "SERVICE_UNAVAILABLE", 504: "GATEWAY_TIMEOUT",
+    400: "VALIDATION_ERROR",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    409: "CONFLICT",
+    429: "RATE_LIMITED",
+    500: "INTERNAL_ERROR",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+    504: "GATEWAY_TIMEOUT",
 }
 
 
@@ -69,8 +76,15 @@ class FaultRule:
     def parse(cls, raw: Any) -> FaultRule:
         if not isinstance(raw, dict):
             raise validation_error("each fault rule must be an object")
-        unknown = set(raw) - {"endpoint", "kind", "status", "retry_after", "latency_ms",
-                              "probability", "count"}
+        unknown = set(raw) - {
+            "endpoint",
+            "kind",
+            "status",
+            "retry_after",
+            "latency_ms",
+            "probability",
+            "count",
+        }
         if unknown:
             raise validation_error(f"unknown fault rule field(s): {', '.join(sorted(unknown))}")
         endpoint, kind = raw.get("endpoint"), raw.get("kind")
@@ -88,8 +102,11 @@ class FaultRule:
         if kind == "status" and not 400 <= rule.status <= 599:
             raise validation_error("fault status must be 400..599")
         probability = raw.get("probability", 1.0)
-        if (not isinstance(probability, int | float) or isinstance(probability, bool)
-                or not 0.0 <= probability <= 1.0):
+        if (
+            not isinstance(probability, int | float)
+            or isinstance(probability, bool)
+            or not 0.0 <= probability <= 1.0
+        ):
             raise validation_error("fault probability must be a number in 0..1")
         rule.probability = float(probability)
         return rule
@@ -152,10 +169,18 @@ class SandboxApp:
         add = self._add
         add("POST", "/v1/invoices/claim", "claim", self.claim)
         add("GET", "/v1/invoices/" + seg.format("token"), "get", self.get_invoice)
-        add("POST", "/v1/invoices/" + seg.format("token") + "/acknowledge", "acknowledge",
-            self.acknowledge)
-        add("POST", "/v1/invoices/" + seg.format("token") + "/integration-result",
-            "integration_result", self.integration_result)
+        add(
+            "POST",
+            "/v1/invoices/" + seg.format("token") + "/acknowledge",
+            "acknowledge",
+            self.acknowledge,
+        )
+        add(
+            "POST",
+            "/v1/invoices/" + seg.format("token") + "/integration-result",
+            "integration_result",
+            self.integration_result,
+        )
         add("GET", "/v1/attachment/" + seg.format("token"), "attachment", self.attachment)
         stream = "/v1/delta/streams/" + seg.format("connector") + "/" + seg.format("stream")
         add("GET", stream, "delta", self.delta_get)
@@ -164,8 +189,12 @@ class SandboxApp:
         add("POST", stream + "/fail", "delta", self.delta_fail)
         add("POST", "/_sandbox/seed", "sandbox", self.c_seed)
         add("GET", "/_sandbox/invoices", "sandbox", self.c_invoices)
-        add("POST", "/_sandbox/invoices/" + seg.format("token") + "/status", "sandbox",
-            self.c_set_status)
+        add(
+            "POST",
+            "/_sandbox/invoices/" + seg.format("token") + "/status",
+            "sandbox",
+            self.c_set_status,
+        )
         add("POST", "/_sandbox/clock", "sandbox", self.c_clock)
         add("GET", "/_sandbox/clock", "sandbox", self.c_clock_get)
         add("POST", "/_sandbox/faults", "sandbox", self.c_faults)
@@ -177,7 +206,7 @@ class SandboxApp:
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         if path.startswith(BASE_PATH + "/"):
-            path = path[len(BASE_PATH):]
+            path = path[len(BASE_PATH) :]
             path_known = False
             for route in self.routes:
                 m = route.pattern.match(path)
@@ -321,8 +350,9 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             length = -1
         if length < 0 or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
-            self._send_json(411, {"error": "VALIDATION_ERROR",
-                                  "message": "a Content-Length body is required"})
+            self._send_json(
+                411, {"error": "VALIDATION_ERROR", "message": "a Content-Length body is required"}
+            )
             return
         raw = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
@@ -346,8 +376,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             self._drop_connection()
             return
         except ApiError as e:
-            self._send_json(e.status, {"error": e.code, "message": e.message},
-                            e.headers)
+            self._send_json(e.status, {"error": e.code, "message": e.message}, e.headers)
             return
         except Exception as e:  # a sandbox bug must still answer in the contract's shape
             self.log_error("internal error: %r", e)
@@ -372,16 +401,19 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
                 headers = {}
                 if rule.retry_after is not None:
                     headers["Retry-After"] = str(rule.retry_after)
-                raise ApiError(rule.status, FAULT_CODES.get(rule.status, "SANDBOX_FAULT"),
-                               f"injected fault: HTTP {rule.status}", headers)
+                raise ApiError(
+                    rule.status,
+                    FAULT_CODES.get(rule.status, "SANDBOX_FAULT"),
+                    f"injected fault: HTTP {rule.status}",
+                    headers,
+                )
 
     def _drop_connection(self) -> None:
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
-    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None
-                   ) -> None:
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -405,7 +437,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         view = memoryview(f.data)
         for start in range(0, len(view), CHUNK):  # streamed, as the real endpoint does
-            self.wfile.write(view[start:start + CHUNK])
+            self.wfile.write(view[start : start + CHUNK])
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
@@ -454,9 +486,16 @@ class _HTTPServer(ThreadingHTTPServer):
 class SandboxServer:
     """The sandbox on a background thread: ``with SandboxServer(db) as s: s.base_url``."""
 
-    def __init__(self, db_path: str, api_key: str = "sandbox-key", host: str = "127.0.0.1",
-                 port: int = 0, *, readonly_api_key: str | None = None,
-                 verbose: bool = False) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        api_key: str = "sandbox-key",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        readonly_api_key: str | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.db_path = str(db_path)
         self.api_key = api_key
         self.readonly_api_key = readonly_api_key
@@ -481,8 +520,12 @@ class SandboxServer:
 
     def start(self) -> SandboxServer:
         httpd = self.build()
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="nuntiq-sandbox", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="nuntiq-sandbox",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

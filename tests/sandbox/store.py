@@ -27,8 +27,9 @@ from tests.sandbox import seeding
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -47,18 +48,38 @@ LEASED = (92, 93)
 
 # code -> (group, key, label, description), per the contract's status table.
 STATUSES: dict[int, tuple[str, str, str, str | None]] = {
-    90: ("PendingIntegration", "PENDING_INTEGRATION_FIRST", "Pending integration",
-         "Ready for integration; never claimed."),
-    91: ("PendingIntegration", "PENDING_INTEGRATION_RETRY", "Pending integration (retry)",
-         "Claimable again after a lease lapsed."),
-    92: ("PendingAcknowledgement", "PENDING_ACKNOWLEDGEMENT", "Pending acknowledgement",
-         "Leased by an integration, not yet acknowledged."),
-    93: ("PendingResult", "PENDING_RESULT", "Pending result",
-         "Acknowledged by the integration, waiting for its result."),
+    90: (
+        "PendingIntegration",
+        "PENDING_INTEGRATION_FIRST",
+        "Pending integration",
+        "Ready for integration; never claimed.",
+    ),
+    91: (
+        "PendingIntegration",
+        "PENDING_INTEGRATION_RETRY",
+        "Pending integration (retry)",
+        "Claimable again after a lease lapsed.",
+    ),
+    92: (
+        "PendingAcknowledgement",
+        "PENDING_ACKNOWLEDGEMENT",
+        "Pending acknowledgement",
+        "Leased by an integration, not yet acknowledged.",
+    ),
+    93: (
+        "PendingResult",
+        "PENDING_RESULT",
+        "Pending result",
+        "Acknowledged by the integration, waiting for its result.",
+    ),
     95: ("Status95", "STATUS_95", "Status 95", None),
     96: ("Status96", "STATUS_96", "Status 96", None),
-    97: ("IntegrationFailed", "INTEGRATION_FAILED", "Integration failed",
-         "The integration reported a failure."),
+    97: (
+        "IntegrationFailed",
+        "INTEGRATION_FAILED",
+        "Integration failed",
+        "The integration reported a failure.",
+    ),
     98: ("Status98", "STATUS_98", "Status 98", None),
     100: ("Processed", "PROCESSED", "Processed", "The integration reported success."),
 }
@@ -186,14 +207,14 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves.
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA synchronous=NORMAL")
         # Case-insensitive equality for ext_reference filters, beyond SQLite's ASCII NOCASE.
-        conn.create_function("casefold", 1, lambda s: s.casefold() if isinstance(s, str) else s,
-                             deterministic=True)
+        conn.create_function(
+            "casefold", 1, lambda s: s.casefold() if isinstance(s, str) else s, deterministic=True
+        )
         return conn
 
     @contextmanager
@@ -351,8 +372,11 @@ class Store:
             status = row["status"]
             if status in LEASED:
                 if row["lease_token"] != lease_token:
-                    raise ApiError(409, "LEASE_EXPIRED",
-                                   "the lease has lapsed or the invoice is held by another lease")
+                    raise ApiError(
+                        409,
+                        "LEASE_EXPIRED",
+                        "the lease has lapsed or the invoice is held by another lease",
+                    )
                 changed = status == 92
                 if changed:
                     t.conn.execute(
@@ -374,13 +398,17 @@ class Store:
                 }
             if status in CLAIMABLE and self._was_leased_by(t, row["id"], lease_token):
                 raise ApiError(409, "LEASE_EXPIRED", "the lease has lapsed")
-            raise ApiError(409, "INVALID_TRANSITION",
-                           f"cannot acknowledge an invoice at status {status} ({group(status)})")
+            raise ApiError(
+                409,
+                "INVALID_TRANSITION",
+                f"cannot acknowledge an invoice at status {status} ({group(status)})",
+            )
 
     # --- integration result ---------------------------------------------------------
 
-    def integration_result(self, token: str, body: dict[str, Any], *, debug: bool
-                           ) -> dict[str, Any]:
+    def integration_result(
+        self, token: str, body: dict[str, Any], *, debug: bool
+    ) -> dict[str, Any]:
         allowed = {"lease_token", "success", "failure_code", "failure_message"}
         allowed |= {f"external_id_{n}" for n in range(1, 4)}
         allowed |= {f"external_message_{n}" for n in range(1, 4)}
@@ -391,8 +419,10 @@ class Store:
             raise validation_error("success is required and must be a boolean")
         externals = {
             name: _opt_str(body, name, 255)
-            for name in (*(f"external_id_{n}" for n in range(1, 4)),
-                         *(f"external_message_{n}" for n in range(1, 4)))
+            for name in (
+                *(f"external_id_{n}" for n in range(1, 4)),
+                *(f"external_message_{n}" for n in range(1, 4)),
+            )
         }
         failure_code = _opt_str(body, "failure_code", 64)
         failure_message = _opt_str(body, "failure_message", 500)
@@ -408,30 +438,42 @@ class Store:
 
             if status in LEASED:
                 if row["lease_token"] != lease_token:
-                    raise ApiError(409, "LEASE_EXPIRED",
-                                   "the lease has lapsed or the invoice is held by another lease")
+                    raise ApiError(
+                        409,
+                        "LEASE_EXPIRED",
+                        "the lease has lapsed or the invoice is held by another lease",
+                    )
                 t.conn.execute(
                     "UPDATE invoices SET status = ?, lease_token = NULL, lease_expires_at = NULL,"
                     " finished_lease_token = ?, updated_at = ?, result_count = result_count + 1,"
                     " external_id_1 = ?, external_id_2 = ?, external_id_3 = ?,"
                     " external_message_1 = ?, external_message_2 = ?, external_message_3 = ?,"
                     " failure_code = ?, failure_message = ? WHERE id = ?",
-                    (target, lease_token, t.now_iso, *externals.values(),
-                     failure_code, failure_message, row["id"]),
+                    (
+                        target,
+                        lease_token,
+                        t.now_iso,
+                        *externals.values(),
+                        failure_code,
+                        failure_message,
+                        row["id"],
+                    ),
                 )
                 return _result_response(token, status, target, changed=True, debug=debug)
 
             if status in (97, 100):
-                same_outcome = status == target and (
-                    success or row["failure_code"] == failure_code
-                )
+                same_outcome = status == target and (success or row["failure_code"] == failure_code)
                 if not same_outcome:
-                    raise ApiError(409, "INVALID_TRANSITION",
-                                   f"invoice is already {group(status)} ({status}); cannot report "
-                                   + ("success" if success else f"failure {failure_code}"))
+                    raise ApiError(
+                        409,
+                        "INVALID_TRANSITION",
+                        f"invoice is already {group(status)} ({status}); cannot report "
+                        + ("success" if success else f"failure {failure_code}"),
+                    )
                 if row["finished_lease_token"] != lease_token:
-                    raise ApiError(409, "LEASE_EXPIRED",
-                                   "the result was reported under another lease")
+                    raise ApiError(
+                        409, "LEASE_EXPIRED", "the result was reported under another lease"
+                    )
                 t.conn.execute(
                     "UPDATE invoices SET result_count = result_count + 1 WHERE id = ?",
                     (row["id"],),
@@ -440,9 +482,11 @@ class Store:
 
             if status in CLAIMABLE and self._was_leased_by(t, row["id"], lease_token):
                 raise ApiError(409, "LEASE_EXPIRED", "the lease has lapsed")
-            raise ApiError(409, "INVALID_TRANSITION",
-                           f"cannot report a result for an invoice at status {status}"
-                           f" ({group(status)})")
+            raise ApiError(
+                409,
+                "INVALID_TRANSITION",
+                f"cannot report a result for an invoice at status {status} ({group(status)})",
+            )
 
     # --- attachment -----------------------------------------------------------------
 
@@ -478,10 +522,19 @@ class Store:
             return self._stream_json(row)
         # No row yet: the documented synthetic idle state.
         return {
-            "connector_name": connector, "stream_name": stream, "cursor_type": None,
-            "committed_cursor_value": None, "committed_at_utc": None, "status": "idle",
-            "started_at_utc": None, "completed_at_utc": None, "records_processed": None,
-            "error_summary": None, "metadata": None, "updated_at_utc": None, "updated_by": None,
+            "connector_name": connector,
+            "stream_name": stream,
+            "cursor_type": None,
+            "committed_cursor_value": None,
+            "committed_at_utc": None,
+            "status": "idle",
+            "started_at_utc": None,
+            "completed_at_utc": None,
+            "records_processed": None,
+            "error_summary": None,
+            "metadata": None,
+            "updated_at_utc": None,
+            "updated_by": None,
         }
 
     def delta_begin(self, connector: str, stream: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -490,14 +543,21 @@ class Store:
         if not isinstance(cursor_type, str):
             raise validation_error("cursor_type is required")
         if cursor_type not in CURSOR_TYPES:
-            raise ApiError(422, "INVALID_CURSOR_TYPE",
-                           f"cursor_type must be one of {', '.join(CURSOR_TYPES)}")
+            raise ApiError(
+                422, "INVALID_CURSOR_TYPE", f"cursor_type must be one of {', '.join(CURSOR_TYPES)}"
+            )
         with self.tx() as t:
             row = self._stream_row(t, connector, stream)
-            if (row is not None and row["committed_cursor_value"] is not None
-                    and row["cursor_type"] != cursor_type):
-                raise ApiError(422, "INVALID_CURSOR_TYPE",
-                               f"stream has a committed {row['cursor_type']} cursor")
+            if (
+                row is not None
+                and row["committed_cursor_value"] is not None
+                and row["cursor_type"] != cursor_type
+            ):
+                raise ApiError(
+                    422,
+                    "INVALID_CURSOR_TYPE",
+                    f"stream has a committed {row['cursor_type']} cursor",
+                )
             # begin overwrites the run-state fields and never refuses a running stream.
             t.conn.execute(
                 "INSERT INTO delta_streams (connector_name, stream_name, cursor_type, status,"
@@ -514,8 +574,7 @@ class Store:
             assert row is not None
             return self._stream_json(row)
 
-    def delta_complete(self, connector: str, stream: str, body: dict[str, Any]
-                       ) -> dict[str, Any]:
+    def delta_complete(self, connector: str, stream: str, body: dict[str, Any]) -> dict[str, Any]:
         _reject_unknown(body, {"new_cursor_value", "records_processed", "metadata"})
         new_value = _req_str(body, "new_cursor_value", 1000)
         records = _int(body, "records_processed", 0, 2**53)
@@ -532,9 +591,17 @@ class Store:
                 " status = 'succeeded', completed_at_utc = ?, records_processed = ?,"
                 " metadata = ?, updated_at_utc = ?, updated_by = ?"
                 " WHERE connector_name = ? AND stream_name = ?",
-                (new_value, t.now_iso, t.now_iso, records,
-                 json.dumps(metadata) if metadata is not None else None,
-                 t.now_iso, API_USER, connector, stream),
+                (
+                    new_value,
+                    t.now_iso,
+                    t.now_iso,
+                    records,
+                    json.dumps(metadata) if metadata is not None else None,
+                    t.now_iso,
+                    API_USER,
+                    connector,
+                    stream,
+                ),
             )
             row = self._stream_row(t, connector, stream)
             assert row is not None
@@ -561,29 +628,43 @@ class Store:
 
     def seed(self, count: int, *, seed: int, awkward: bool) -> list[str]:
         with self.tx() as t:
-            row = t.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'invoices'"
-                                 ).fetchone()
+            row = t.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'invoices'"
+            ).fetchone()
             first_id = (row[0] if row else 0) + 1
             invoices = seeding.generate(count, seed=seed, first_id=first_id, awkward=awkward)
             for offset, inv in enumerate(invoices):
                 # Distinct created_at per invoice (1 ms apart) keeps "oldest first" readable.
-                created = t.now_iso if offset == 0 else iso(
-                    t.now + timedelta(milliseconds=offset))
+                created = t.now_iso if offset == 0 else iso(t.now + timedelta(milliseconds=offset))
                 cur = t.conn.execute(
                     "INSERT INTO invoices (id, invoice_token, email_token, invoice_number,"
                     " status, created_at, updated_at, ext_reference_1, ext_reference_2,"
                     " ext_reference_3, ext_reference_4, ext_reference_5, doc, email, seed_case)"
                     " VALUES (?, ?, ?, ?, 90, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (first_id + offset, inv.invoice_token, inv.email_token, inv.invoice_number,
-                     created, created, *inv.ext_references, json.dumps(inv.doc),
-                     json.dumps(inv.email) if inv.email else None, inv.case),
+                    (
+                        first_id + offset,
+                        inv.invoice_token,
+                        inv.email_token,
+                        inv.invoice_number,
+                        created,
+                        created,
+                        *inv.ext_references,
+                        json.dumps(inv.doc),
+                        json.dumps(inv.email) if inv.email else None,
+                        inv.case,
+                    ),
                 )
                 for a in inv.attachments:
                     t.conn.execute(
                         "INSERT INTO attachments (attachment_token, invoice_id, file_name,"
                         " content_type, data) VALUES (?, ?, ?, ?, ?)",
-                        (a["attachment_token"], cur.lastrowid, a["file_name"],
-                         a["content_type"], a["data"]),
+                        (
+                            a["attachment_token"],
+                            cur.lastrowid,
+                            a["file_name"],
+                            a["content_type"],
+                            a["data"],
+                        ),
                     )
             return [inv.invoice_token for inv in invoices]
 
@@ -617,8 +698,10 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute("SELECT value FROM meta WHERE key = 'clock_offset'").fetchone()
             offset = (float(row[0]) if row else 0.0) + seconds
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_offset', ?)",
-                         (repr(offset),))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_offset', ?)",
+                (repr(offset),),
+            )
             now = self._now(conn)
             conn.execute("COMMIT")
         finally:
@@ -645,8 +728,9 @@ class Store:
 # --- helpers --------------------------------------------------------------------------
 
 
-def _result_response(token: str, previous: int, new: int, *, changed: bool, debug: bool
-                     ) -> dict[str, Any]:
+def _result_response(
+    token: str, previous: int, new: int, *, changed: bool, debug: bool
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "ok": True,
         "previous_status": group(previous),
@@ -671,16 +755,18 @@ def _check_monotonic(cursor_type: str | None, old: str | None, new: str) -> None
         except ValueError:
             raise validation_error("new_cursor_value is not an ISO-8601 timestamp") from None
         if old is not None and new_dt < parse_iso(old):
-            raise ApiError(422, "CURSOR_REGRESSION",
-                           f"new cursor {new} is before the committed cursor {old}")
+            raise ApiError(
+                422, "CURSOR_REGRESSION", f"new cursor {new} is before the committed cursor {old}"
+            )
     elif cursor_type == "numeric_id":
         try:
             new_n = int(new)
         except ValueError:
             raise validation_error("new_cursor_value is not an integer") from None
         if old is not None and new_n < int(old):
-            raise ApiError(422, "CURSOR_REGRESSION",
-                           f"new cursor {new} is below the committed cursor {old}")
+            raise ApiError(
+                422, "CURSOR_REGRESSION", f"new cursor {new} is below the committed cursor {old}"
+            )
 
 
 def _reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:

@@ -185,3 +185,23 @@ def test_idle_push_says_so(
     result = run_cli("push", "--settings", str(make_settings(asyncssh_sftp)))
     assert result.returncode == 0
     assert "Nothing to push" in result.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: Sandbox,
+    asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+) -> None:
+    """A bug must not spill a traceback (which could carry secrets) into cron mail.
+    Nothing real produces a bug on demand, so this one test injects one (a stand-in)."""
+    from erp_push import commands
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom with pw-SHOULD-NOT-SHOW")
+
+    monkeypatch.setattr(commands, "push", broken)
+    result = runner.invoke(app, ["push", "--settings", str(make_settings(asyncssh_sftp))])
+    assert result.exit_code == 70
+    assert "internal error: RuntimeError" in result.stderr
+    assert "Traceback" not in result.stderr and "pw-SHOULD-NOT-SHOW" not in result.stderr

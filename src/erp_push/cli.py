@@ -252,7 +252,6 @@ def dry_run(
                     "invoices": [p.__dict__ for p in report.planned],
                 },
                 ensure_ascii=False,
-                indent=2,
             )
         )
         return
@@ -347,7 +346,6 @@ def cleanup_tmp(
                     "removed": [_remote(f) for f in report.removed],
                     "errors": report.errors,
                 },
-                indent=2,
             )
         )
     else:

@@ -120,7 +120,8 @@ class RunReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+        # One line: cron appends each run's report to a JSON Lines log.
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def render_table(self, console: Console) -> None:
         if self.outcomes:

@@ -330,6 +330,9 @@ def _open_transport(options: SftpOptions) -> Any:
         )
     except OSError as exc:
         raise SftpUnreachable(f"cannot reach sftp {options.address}: {_reason(exc)}") from None
+    # SFTP is small request/reply packets, several channels' worth on one connection:
+    # Nagle's algorithm would hold each one back until the previous is acknowledged.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
     # Without these a server that accepts TCP but never speaks would block us forever.
     transport.banner_timeout = options.connect_timeout

@@ -74,7 +74,7 @@ class PushPlan:
     field_keys: FieldKeys
     batch_size: int = 20
     lease_ttl_seconds: int = 600
-    concurrency: int = 4
+    concurrency: int = 8
     drain: bool = False
     max_invoices: int | None = None
 

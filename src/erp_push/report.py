@@ -20,6 +20,7 @@ from erp_push.models import IntegrationResult
 
 FAILURE_MESSAGE_MAX = 500  # Nuntiq's limit for failure_message [contract]
 EXTERNAL_ID_MAX = 255  # Nuntiq's limit for external_id_N [contract]
+FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
 
 
@@ -124,12 +125,20 @@ class RunReport:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def render_table(self, console: Console) -> None:
-        if self.outcomes:
+        shown = self.outcomes
+        if len(shown) > FULL_TABLE_MAX:
+            # On long runs the delivered invoices would bury the few that need attention.
+            shown = [o for o in self.outcomes if not o.ok]
+            console.print(
+                f"[dim]{len(self.outcomes) - len(shown)} delivered invoices not listed "
+                "(--json lists every invoice)[/dim]"
+            )
+        if shown:
             table = Table(title=f"erp-push {self.command}", title_justify="left")
             table.add_column("invoice")
             table.add_column("result")
             table.add_column("remote file / failure")
-            for o in self.outcomes:
+            for o in shown:
                 style = {
                     Result.DELIVERED: "green",
                     Result.ALREADY_DELIVERED: "cyan",

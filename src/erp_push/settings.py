@@ -111,7 +111,12 @@ class Config(BaseModel):
     lease_ttl_seconds: int = Field(
         default=600, ge=60, le=1800, description="How long a claim holds an invoice."
     )
-    concurrency: int = Field(default=4, ge=1, le=16, description="Invoices in flight at once.")
+    concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=16,
+        description="Invoices in flight at once (SFTP channels on one SSH login).",
+    )
 
     # SFTP
     sftp_host: str | None = Field(default=None, description="SFTP server host name or IP.")

@@ -30,6 +30,7 @@ from erp_push.journal import Journal, Step
 from erp_push.render import FieldKeys, render_invoice
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
+from tests.test_push import run_cli
 
 MakeSettings = Callable[..., Path]
 Factory = Callable[..., SftpServerInfo]
@@ -49,14 +50,7 @@ def cli(
     env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
     if kill_at is not None:
         env["_ERP_PUSH_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "erp_push", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def push_cli(path: Path, *, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:

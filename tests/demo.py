@@ -139,7 +139,7 @@ def main() -> None:
             **os.environ,
             "ERP_PUSH_NUNTIQ_API_KEY": API_KEY,
             "ERP_PUSH_SFTP_PASSWORD": password,
-            "COLUMNS": os.environ.get("COLUMNS", "140"),
+            "COLUMNS": str(shutil.get_terminal_size((120, 40)).columns),
         }
 
         with SandboxControl(base_url, API_KEY) as nuntiq:

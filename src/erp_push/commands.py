@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from erp_push.claim import NuntiqClient
-from erp_push.errors import NuntiqError, RenderError, SftpError, SftpOperationError
+from erp_push.errors import RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
 from erp_push.pipeline import Pusher, PushPlan
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
@@ -281,7 +281,6 @@ def cleanup_tmp(
 __all__ = [
     "CleanupReport",
     "DryRunReport",
-    "NuntiqError",
     "PlannedFile",
     "cleanup_tmp",
     "dry_run",

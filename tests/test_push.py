@@ -422,3 +422,26 @@ def test_parallel_workers_share_one_ssh_login(
     assert report.count(Result.DELIVERED) == 12
     assert len(logins) == 1
     assert len(openssh_sftp.files()) == 12
+
+
+def test_an_invoice_that_does_not_fit_the_contract_fails_alone_instead_of_waiting(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G1/G6: an invoice whose data Nuntiq serves malformed would stop every run the same
+    way; it fails alone (97, NUNTIQ_INVOICE_INVALID) and the others are delivered."""
+    import sqlite3
+
+    bad, *good = sandbox.control.seed(3)
+    broken = {"fields": [], "lines": "not a list", "addresses": [], "taxes": [],
+              "charges": [], "discounts": [], "attachments": []}  # fmt: skip
+    with sqlite3.connect(sandbox.server.db_path) as db:  # behind the sandbox's back
+        db.execute("UPDATE invoices SET doc = ? WHERE invoice_token = ?", (json.dumps(broken), bad))
+
+    report = push(make_settings(asyncssh_sftp))
+
+    rows = {r["invoice_token"]: r for r in sandbox.control.invoices()}
+    assert rows[bad]["status"] == 97
+    assert rows[bad]["failure_code"] == "NUNTIQ_INVOICE_INVALID"
+    assert "lines" in rows[bad]["failure_message"]
+    assert all(rows[t]["status"] == 100 for t in good)
+    assert report.exit_code == ExitCode.SOME_FAILED

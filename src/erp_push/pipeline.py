@@ -38,6 +38,7 @@ from erp_push.errors import (
     LeaseExpired,
     NuntiqAuthError,
     NuntiqError,
+    NuntiqProtocolError,
     RenderError,
     SftpError,
     SftpOperationError,
@@ -218,14 +219,22 @@ class InvoiceWorker:
             return Outcome(
                 token, Result.PENDING, entry.invoice_number, message="lease too close to expiry"
             )
-        detail = self.nuntiq.get_invoice(token)
+        # An invoice whose own data stops it (it does not fit the contract, cannot be
+        # written safely, or trips a renderer bug) would stop every later run the same
+        # way: it fails alone, with a code, rather than wait in the queue forever.
+        try:
+            detail = self.nuntiq.get_invoice(token)
+        except NuntiqProtocolError as exc:
+            return self._fail_alone(token, "NUNTIQ_INVOICE_INVALID", str(exc))
         crash_point("fetched")
         try:
             file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
         except RenderError as exc:
-            self.journal.record_failed(token, exc.failure_code, str(exc))
-            return Outcome(
-                token, Result.FAILED, None, failure_code=exc.failure_code, message=str(exc)
+            return self._fail_alone(token, exc.failure_code, str(exc))
+        except Exception as exc:
+            log.exception("rendering %s failed unexpectedly", token)
+            return self._fail_alone(
+                token, "RENDER_FAILED", f"unexpected {type(exc).__name__} while rendering"
             )
         self.journal.record_rendered(
             token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
@@ -263,6 +272,10 @@ class InvoiceWorker:
             )
             with self.sessions.session() as sftp:
                 return sftp.publish(outbox, sent, file, fault=self.fault)
+
+    def _fail_alone(self, token: str, code: str, message: str) -> Outcome:
+        self.journal.record_failed(token, code, truncate(message))
+        return Outcome(token, Result.FAILED, None, failure_code=code, message=truncate(message))
 
     def _failure(self, entry: Entry, code: str | None, message: str | None) -> Outcome:
         return Outcome(

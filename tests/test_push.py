@@ -445,3 +445,22 @@ def test_an_invoice_that_does_not_fit_the_contract_fails_alone_instead_of_waitin
     assert "lines" in rows[bad]["failure_message"]
     assert all(rows[t]["status"] == 100 for t in good)
     assert report.exit_code == ExitCode.SOME_FAILED
+
+
+def test_an_api_key_with_a_line_end_works_and_an_unsendable_key_never_shows(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G7: `echo KEY > file` leaves a line end: stripped. A key httpx refuses to send
+    (control characters) must not be quoted in the error httpx raises about it."""
+    from erp_push.errors import NuntiqError
+
+    sandbox.control.seed(1)
+    path = make_settings(asyncssh_sftp, secrets={"nuntiq_api_key": sandbox.api_key + "\r\n"})
+    assert push(path).exit_code == ExitCode.OK
+
+    key = "sk_CR_LEAK_7f1e\r"
+    with NuntiqClient(sandbox.base_url, _secret(key)) as client:
+        with pytest.raises(NuntiqError) as caught:
+            client.claim(limit=1)
+    everything = f"{caught.value} {caught.value!r} {caught.value.__cause__!r}"
+    assert "sk_CR_LEAK_7f1e" not in everything

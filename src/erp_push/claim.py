@@ -266,8 +266,8 @@ class NuntiqClient:
             except httpx.TransportError as exc:
                 failure = self._transport_failure(endpoint, exc)
                 if isinstance(failure, _Retryable) and written and not _rewind(dest, start):
-                    raise failure.error from exc  # cannot undo a partial write: no retry
-                raise failure from exc
+                    raise failure.error from None  # cannot undo a partial write: no retry
+                raise failure from None  # httpx's own text may quote what it refused
             return written
 
         return self._with_retries(endpoint, attempt)
@@ -325,7 +325,9 @@ class NuntiqClient:
             try:
                 response = self._http.request(endpoint.method, path, json=body)
             except httpx.TransportError as exc:
-                raise self._transport_failure(endpoint, exc) from exc
+                # Not chained: httpx's exception text may quote a header it refused (the
+                # key) and tracebacks print causes; our message has the kind and details.
+                raise self._transport_failure(endpoint, exc) from None
             if not response.is_success:
                 raise self._http_failure(endpoint, response, response.content)
             return response.content
@@ -396,18 +398,26 @@ class NuntiqClient:
         """The error for a request that got no (complete) answer; wrapped in ``_Retryable``
         for lost connections and timeouts."""
         kind = type(exc).__name__
-        detail = self._redact(str(exc))
+        retryable = _is_retryable_transport(exc)
+        # A failure on our side (e.g. httpx refusing a header) quotes what it refused,
+        # which may be the key in an escaped form: only the kind is kept then.
+        detail = self._redact(str(exc)) if retryable else ""
         host = self._http.base_url.host
         text = f"Nuntiq {endpoint.name}: no answer from {host} ({kind}"
         text += f": {detail})" if detail else ")"
         error = errors.NuntiqUnavailable(text)
-        if not _is_retryable_transport(exc):
+        if not retryable:
             return error  # e.g. a protocol error on our side: repeating cannot help
         return _Retryable(error, kind, None)
 
     def _redact(self, text: str) -> str:
-        # Defence in depth: a server or library echoing the key must not spread it.
-        return text.replace(self._api_key.get_secret_value(), REDACTED)
+        # Defence in depth: a server or library echoing the key must not spread it, as is
+        # or in the escaped form of a repr.
+        key = self._api_key.get_secret_value()
+        for form in {key, repr(key)[1:-1], repr(key.encode())[2:-1]}:
+            if form:
+                text = text.replace(form, REDACTED)
+        return text
 
     def _redact_bytes(self, data: bytes) -> bytes:
         return data.replace(self._api_key.get_secret_value().encode(), REDACTED.encode())

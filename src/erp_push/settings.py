@@ -77,6 +77,19 @@ class Secrets(BaseModel):
         default=None, description="Passphrase of the SFTP private key, if it has one."
     )
 
+    @field_validator("nuntiq_api_key")
+    @classmethod
+    def _one_clean_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # `echo KEY > file` and CRLF env files add a line end: strip it. Anything else
+        # unprintable would make the HTTP library refuse the header and quote the key in
+        # its error, so it is refused here, without showing the value.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if any(c.isspace() or not c.isprintable() for c in key):
+            raise ValueError("must be one token without spaces or control characters")
+        return SecretStr(key)
+
 
 def _default_state_dir() -> Path:
     # XDG says a relative XDG_STATE_HOME is invalid and must be ignored.

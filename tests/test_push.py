@@ -459,8 +459,10 @@ def test_an_api_key_with_a_line_end_works_and_an_unsendable_key_never_shows(
     assert push(path).exit_code == ExitCode.OK
 
     key = "sk_CR_LEAK_7f1e\r"
-    with NuntiqClient(sandbox.base_url, _secret(key)) as client:
-        with pytest.raises(NuntiqError) as caught:
-            client.claim(limit=1)
+    with (
+        NuntiqClient(sandbox.base_url, _secret(key)) as client,
+        pytest.raises(NuntiqError) as caught,
+    ):
+        client.claim(limit=1)
     everything = f"{caught.value} {caught.value!r} {caught.value.__cause__!r}"
     assert "sk_CR_LEAK_7f1e" not in everything

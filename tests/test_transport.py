@@ -29,7 +29,7 @@ from erp_push.errors import (
     SftpUnreachable,
 )
 from erp_push.render import RenderedFile
-from erp_push.transport import TMP_PATTERN, Delivery, SftpSession
+from erp_push.transport import TMP_PATTERN, Delivery, SftpOptions, SftpSession, fingerprint
 from tests.sftp_servers.fixtures import SftpServerInfo
 
 NAME = "ABC-20260101.csv"
@@ -575,3 +575,72 @@ def test_list_stale_tmp_lists_only_our_old_tmp_files(asyncssh_sftp: SftpServerIn
 
     assert info.listdir(info.outbox) == sorted(set(names) - {stale[0].path.rsplit("/", 1)[1]})
     assert TMP_PATTERN.match("X.csv.0123abcd.erp-push.tmp")
+
+
+class _NoSftpServer(paramiko.ServerInterface):  # type: ignore[misc]
+    """Logs anyone in, then never gets SFTP going: like sshd whose sftp-server hangs."""
+
+    def __init__(self, mode: str, release: threading.Event) -> None:
+        self.mode = mode
+        self.release = release
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "password"
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_subsystem_request(self, channel: object, name: str) -> bool:
+        if self.mode == "no_reply":
+            self.release.wait(60)  # the subsystem request is never answered in time
+        return True  # "started", but nothing ever answers the SFTP version exchange
+
+
+@pytest.mark.parametrize("mode", ["no_reply", "no_version"])
+def test_a_server_whose_sftp_never_starts_cannot_hang_the_run(mode: str) -> None:
+    host_key = paramiko.Ed25519Key.from_private_key_file(_ed25519_key_file())
+    release = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    server_side: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        transport = paramiko.Transport(sock)
+        transport.add_server_key(host_key)
+        server_side.append(transport)
+        transport.start_server(server=_NoSftpServer(mode, release))
+
+    threading.Thread(target=serve, daemon=True).start()
+    options = SftpOptions(
+        host="127.0.0.1", port=port, user="u", password=SecretStr("p"),
+        host_key_sha256=fingerprint(host_key), connect_timeout=1, operation_timeout=1,
+    )  # fmt: skip
+    outcome: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            SftpSession.connect(options).close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(30)  # a hang fails the test instead of hanging the suite
+    release.set()
+    for transport in server_side:
+        transport.close()
+    listener.close()
+    assert not worker.is_alive(), "connect hung"
+    assert len(outcome) == 1 and isinstance(outcome[0], SftpUnreachable)
+
+
+def _ed25519_key_file() -> str:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "hostkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return str(path)

@@ -33,6 +33,7 @@ import re
 import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -323,6 +324,30 @@ def _authenticate(transport: Any, options: SftpOptions) -> None:
         raise SftpAuthError(f"{refused}: wrong user, password or key") from None
 
 
+def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
+    """Start the SFTP subsystem on a new channel, within ``connect_timeout``.
+
+    paramiko waits up to an hour for the channel and without any limit for the subsystem
+    to start: a server that logs us in but whose sftp-server hangs (a stuck mount) would
+    hang the run, and cron's next runs behind it. A timer closes the channel at the
+    deadline, which wakes paramiko's wait with an error instead.
+    """
+    channel = transport.open_session(timeout=options.connect_timeout)
+    if channel is None:
+        raise paramiko.SSHException("the server refused an SFTP channel")
+    channel.settimeout(options.connect_timeout)  # the version exchange reads with this
+    deadline = threading.Timer(options.connect_timeout, channel.close)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        channel.invoke_subsystem("sftp")
+        sftp = _SftpClient(channel)
+    finally:
+        deadline.cancel()
+    channel.settimeout(options.operation_timeout)
+    return sftp
+
+
 def _open_transport(options: SftpOptions) -> Any:
     try:
         sock = socket.create_connection(
@@ -394,8 +419,7 @@ class SftpSession:
             _verify_host_key(options, transport.get_remote_server_key(), trusted)
             _authenticate(transport, options)
             transport.set_keepalive(options.keepalive_interval)
-            sftp = _SftpClient.from_transport(transport)
-            sftp.get_channel().settimeout(options.operation_timeout)
+            sftp = _open_sftp(transport, options)
         except ErpPushError:
             transport.close()
             raise
@@ -418,10 +442,7 @@ class SftpSession:
         default): a refusal raises SftpUnreachable and the caller opens a new connection.
         """
         try:
-            sftp = _SftpClient.from_transport(self._transport)
-            if sftp is None:
-                raise paramiko.SSHException("the server refused another SFTP channel")
-            sftp.get_channel().settimeout(self.options.operation_timeout)
+            sftp = _open_sftp(self._transport, self.options)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SftpUnreachable(
                 _short(

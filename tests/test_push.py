@@ -466,3 +466,20 @@ def test_an_api_key_with_a_line_end_works_and_an_unsendable_key_never_shows(
         client.claim(limit=1)
     everything = f"{caught.value} {caught.value!r} {caught.value.__cause__!r}"
     assert "sk_CR_LEAK_7f1e" not in everything
+
+
+def test_a_connection_dropped_mid_batch_does_not_stop_the_run(
+    sandbox: Sandbox,
+    sftp_server_factory: Callable[..., SftpServerInfo],
+    make_settings: MakeSettings,
+) -> None:
+    """With several invoices in flight on channels of one connection, a drop kills them
+    all: the run must not hand out dead channels, it reconnects and delivers the rest."""
+    server = sftp_server_factory("drop_after_rename", drop_after=6)
+    tokens = sandbox.control.seed(12)
+    report = push(make_settings(server, config={"concurrency": 4}))
+    assert report.error is None
+    assert report.exit_code == ExitCode.OK, [o for o in report.outcomes if not o.ok]
+    statuses = sandbox.control.statuses()
+    assert all(statuses[t] == 100 for t in tokens)
+    assert len([p for p in server.files() if p.endswith(".csv")]) == 12

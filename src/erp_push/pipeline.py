@@ -123,17 +123,28 @@ class SessionPool:
 
     @contextmanager
     def session(self) -> Iterator[SftpSession]:
-        try:
-            session = self._idle.get_nowait()
-        except queue.Empty:
-            session = self._open()
+        session = self._take_idle() or self._open()
         try:
             yield session
         except SftpUnreachable:
             self._discard(session)  # a broken connection is never reused
             raise
+        except BaseException:
+            self._idle.put(session)  # one file failed; the session is fine
+            raise
         else:
             self._idle.put(session)
+
+    def _take_idle(self) -> SftpSession | None:
+        """An idle session whose connection still lives (channels die with it)."""
+        while True:
+            try:
+                session = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if session.connected:
+                return session
+            self._discard(session)
 
     def warm_up(self) -> None:
         """Open one session now, so an unreachable server is found before claiming more."""

@@ -456,10 +456,14 @@ class SftpSession:
         return bool(self._transport.is_active())
 
     def close(self) -> None:
-        if self.owns_connection:
-            self._transport.close()  # closes every channel on it too
-        else:
-            self._sftp.close()
+        """Never raises: closing a channel whose connection already died is a no-op."""
+        try:
+            if self.owns_connection:
+                self._transport.close()  # closes every channel on it too
+            else:
+                self._sftp.close()  # sends a close message: fails on a dead connection
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
 
     def __enter__(self) -> Self:
         return self

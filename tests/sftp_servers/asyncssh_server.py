@@ -71,9 +71,11 @@ class ServerConfig:
     quirk: str = "normal"
     hardlink: bool = True
     disk_full_after: int = 16
+    drop_after: int = 1  # drop_after_rename: cut the connection at this publish (once)
     client_keys: list[asyncssh.SSHKey] = field(default_factory=list)
     # mutable state shared by all sessions of one server
     dropped: bool = False
+    publishes: int = 0
     bytes_written: int = 0
     connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
 
@@ -124,6 +126,9 @@ class QuirkyServer(asyncssh.SFTPServer):
             if local.parent == outbox and local.suffix.lower() == ".csv":
                 local.rename(self._config.root / SENT / local.name)
         elif quirk == "drop_after_rename" and not self._config.dropped:
+            self._config.publishes += 1
+            if self._config.publishes < self._config.drop_after:
+                return
             self._config.dropped = True
             # Cut the connection before asyncssh can send the reply: the client cannot
             # know whether the rename happened.

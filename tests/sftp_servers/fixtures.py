@@ -192,6 +192,7 @@ def sftp_server_factory(
         hardlink: bool = True,
         disk_full_after: int = 16,
         client_keys: tuple[Path, ...] | list[Path] = (),
+        drop_after: int = 1,
     ) -> SftpServerInfo:
         base = tmp_path_factory.mktemp(f"asyncssh-{quirk}")
         root = base / "root"
@@ -205,6 +206,7 @@ def sftp_server_factory(
             quirk=quirk,
             hardlink=hardlink,
             disk_full_after=disk_full_after,
+            drop_after=drop_after,
             client_keys=[client_key, *asyncssh_server.load_public_keys(client_keys)],
         )
         acceptor = _asyncssh_loop.run(asyncssh_server.start_server(config, _asyncssh_host_key))

@@ -1,0 +1,60 @@
+"""The SFTP session pool: one login per run, channels for parallel work, never a dead one."""
+
+from __future__ import annotations
+
+from erp_push.errors import SftpOperationError
+from erp_push.pipeline import SessionPool
+from erp_push.transport import SftpSession
+from tests.sftp_servers.fixtures import SftpServerInfo
+
+
+def _pool(server: SftpServerInfo, logins: list[SftpSession]) -> SessionPool:
+    def connect() -> SftpSession:
+        session = SftpSession.connect(server.options())
+        logins.append(session)
+        return session
+
+    return SessionPool(connect)
+
+
+def test_parallel_sessions_are_channels_of_one_login(asyncssh_sftp: SftpServerInfo) -> None:
+    logins: list[SftpSession] = []
+    pool = _pool(asyncssh_sftp, logins)
+    with pool.session() as first, pool.session() as second, pool.session() as third:
+        assert len({id(first), id(second), id(third)}) == 3
+        assert [s.owns_connection for s in (first, second, third)] == [True, False, False]
+    assert len(logins) == 1
+    pool.close()
+
+
+def test_a_dead_connection_is_never_handed_out_again(asyncssh_sftp: SftpServerInfo) -> None:
+    logins: list[SftpSession] = []
+    pool = _pool(asyncssh_sftp, logins)
+    with pool.session() as owner, pool.session() as channel:
+        pass  # both idle now, on one connection
+    logins[0]._transport.close()  # the connection drops under the idle sessions
+    assert not owner.connected and not channel.connected
+
+    with pool.session() as fresh:
+        assert fresh.connected
+        assert fresh is not owner and fresh is not channel
+        fresh.check_folders(asyncssh_sftp.outbox, asyncssh_sftp.sent)  # it really works
+    assert len(logins) == 2
+    pool.close()
+
+
+def test_a_failed_file_operation_gives_the_session_back(asyncssh_sftp: SftpServerInfo) -> None:
+    """One file failing must not leak its session (each leak would cost a login)."""
+    logins: list[SftpSession] = []
+    pool = _pool(asyncssh_sftp, logins)
+    used: set[int] = set()
+    for _ in range(5):
+        try:
+            with pool.session() as session:
+                used.add(id(session))
+                session.remove("/outbox/not-ours.csv")  # refused: not an erp-push tmp file
+        except (SftpOperationError, ValueError):
+            pass
+    assert len(used) == 1  # the same session every time: none leaked
+    assert len(logins) == 1
+    pool.close()

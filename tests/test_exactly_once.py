@@ -637,3 +637,51 @@ def test_an_invoice_recovery_could_not_finish_is_counted_once_when_claim_finishe
     assert [o["result"] for o in report["invoices"]] == ["already_delivered"]
     assert report["exit_code"] == ExitCode.OK
     assert_exactly_once(sandbox, server, expected)
+
+
+def test_a_decided_failure_is_reported_as_decided_after_a_crash(
+    sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    """G1: the run failed an invoice (the server forbade publishing), acknowledged it and
+    died before reporting. The next run reports that failure from the journal while the
+    lease lives: it does not upload the invoice afresh (here to a server that would now
+    take it), which would reverse a decision already made."""
+    refusing = sftp_server_factory("no_rename")
+    willing = sftp_server_factory()
+    [token] = sandbox.control.seed(1)
+    settings = make_settings(refusing)
+    assert push_cli(settings, kill_at="acknowledged").returncode == KILLED
+    assert sandbox.control.statuses()[token] == 93
+
+    moved = make_settings(willing)  # same state_dir: the same machine, another server
+    report = report_of(push_cli(moved))
+
+    assert report["recovered"] == 1
+    row = sandbox.control.invoice(token)
+    assert row["status"] == 97 and row["failure_code"] == "SFTP_PUBLISH_FAILED"
+    assert final_files(willing) == {} and final_files(refusing) == {}
+
+
+def test_a_refused_transition_keeps_the_evidence_of_delivery(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G2: Nuntiq refuses to acknowledge (409 INVALID_TRANSITION: the invoice moved to a
+    status that is not ours, 95). The journal keeps its proof of delivery, so when the
+    invoice comes back to the queue later — after the ERP took the file away — it is
+    not uploaded again."""
+    server = asyncssh_sftp
+    [token] = sandbox.control.seed(1)
+    settings = make_settings(server)
+    assert push_cli(settings, kill_at="published_recorded").returncode == KILLED
+    [delivered] = final_files(server)
+
+    sandbox.control.set_status(token, 95)
+    conflicted = report_of(push_cli(settings))
+    assert [o["result"] for o in conflicted["invoices"]] == ["pending"]
+
+    server.local(delivered).unlink()  # the ERP took it and archived it elsewhere
+    sandbox.control.set_status(token, 91)  # back in the queue
+    report = report_of(push_cli(settings))
+    assert [o["result"] for o in report["invoices"]] == ["already_delivered"]
+    assert final_files(server) == {}  # not uploaded a second time
+    assert sandbox.control.invoice(token)["status"] == 100

@@ -58,6 +58,11 @@ class Entry:
     updated_at: datetime
 
     @property
+    def failed(self) -> bool:
+        """A failure was decided (and not since overtaken by a delivery)."""
+        return self.failure_code is not None and self.remote_path is None
+
+    @property
     def delivered(self) -> bool:
         """The file is known to be under its final name (maybe since moved to sent/)."""
         return self.remote_path is not None
@@ -250,11 +255,6 @@ class Journal:
 
     def record_reported(self, invoice_token: str) -> None:
         self._update(invoice_token, step=Step.REPORTED)
-
-    def forget(self, invoice_token: str) -> None:
-        """Drop a row whose invoice is no longer ours (e.g. another system finished it)."""
-        with self._lock:
-            self._db.execute("DELETE FROM invoices WHERE invoice_token = ?", (invoice_token,))
 
     def prune(self, older_than: timedelta = timedelta(days=90)) -> int:
         """Forget finished invoices after a while; unfinished ones are kept forever."""

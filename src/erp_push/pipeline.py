@@ -211,7 +211,7 @@ class InvoiceWorker:
         """Take ``lease`` from wherever the journal says it got to, to a reported result."""
         token = lease.invoice_token
         try:
-            if entry.step is Step.FAILED:
+            if entry.failed:  # decided before: report it, even if it was acknowledged since
                 outcome = self._failure(entry, entry.failure_code, entry.failure_message)
             elif entry.delivered:
                 assert entry.remote_path is not None
@@ -334,8 +334,8 @@ class InvoiceWorker:
         status = self.nuntiq.get_invoice(token).invoice.status
         if status in FINISHED_STATUSES:
             self.journal.record_reported(token)  # someone else finished it; nothing to do
-        else:
-            self.journal.forget(token)  # e.g. 95/96/98: not ours to touch
+        # Otherwise (a lapsed lease, or 95/96/98: not ours to touch) the row stays as it
+        # is: its evidence of delivery is what keeps a later claim from uploading again.
         return replace(
             outcome,
             result=Result.PENDING if status not in FINISHED_STATUSES else outcome.result,

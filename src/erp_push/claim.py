@@ -122,8 +122,8 @@ class _Retryable(Exception):
 
 
 class NuntiqClient:
-    """A connection to one Nuntiq tenant. Use one client per thread; close it (or use
-    ``with``) when done.
+    """A connection pool to one Nuntiq tenant, safe to share between threads (httpx's
+    client is; the pipeline's workers share one). Close it (or use ``with``) when done.
 
     Every Nuntiq failure is raised as an ``errors.NuntiqError`` subclass (only
     ``download_attachment`` also lets the destination's own ``OSError`` through).

@@ -226,7 +226,7 @@ class InvoiceWorker:
 
     def _upload(self, lease: Lease, entry: Entry) -> Outcome:
         token = lease.invoice_token
-        if lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC):
+        if self._lease_too_short(lease):
             return Outcome(
                 token, Result.PENDING, entry.invoice_number, message="lease too close to expiry"
             )
@@ -250,6 +250,10 @@ class InvoiceWorker:
         self.journal.record_rendered(
             token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
         )
+        if self._lease_too_short(lease):  # fetching may have taken long (retries)
+            return Outcome(
+                token, Result.PENDING, file.invoice_number, message="lease too close to expiry"
+            )
         try:
             delivery = self._publish(file)
         except SftpOperationError as exc:
@@ -265,6 +269,11 @@ class InvoiceWorker:
         crash_point("published_recorded")
         result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
         return Outcome(token, result, file.invoice_number, delivery.remote_path)
+
+    @staticmethod
+    def _lease_too_short(lease: Lease) -> bool:
+        """Uploading on a lease about to lapse risks another run holding the invoice."""
+        return lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC)
 
     def _publish(self, file: RenderedFile) -> Delivery:
         """Publish ``file``, once: after a dropped connection, look before uploading again.
@@ -390,6 +399,11 @@ class Pusher:
                 if self._stop is None:
                     self._claim_and_deliver()
             self._record_recovery_pending()
+        except BaseException as exc:
+            # Still say on the delta stream that this run failed (Ctrl-C, a bug).
+            self.report.finish()
+            self._delta_end(failure=f"{type(exc).__name__} ({self.report.summary_line()})")
+            raise
         finally:
             self.sessions.close()
         self.report.error = self._stop
@@ -404,12 +418,14 @@ class Pusher:
             "begin", lambda: self.nuntiq.delta_begin(self.plan.connector_name, DELTA_STREAM)
         )
 
-    def _delta_end(self) -> None:
+    def _delta_end(self, failure: str | None = None) -> None:
         if not self._delta_started:
             return
         connector, report = self.plan.connector_name, self.report
-        if report.error is not None:
-            summary = truncate(f"{type(report.error).__name__}: {report.error}")
+        if failure is None and report.error is not None:
+            failure = f"{type(report.error).__name__}: {report.error}"
+        if failure is not None:
+            summary = truncate(failure)
             self._delta_call(
                 "fail", lambda: self.nuntiq.delta_fail(connector, DELTA_STREAM, summary)
             )
@@ -513,8 +529,16 @@ class Pusher:
                     break
             entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
             crash_point("claimed")
-            for outcome in self._deliver_all(entries):
+            outcomes = list(self._deliver_all(entries))
+            for outcome in outcomes:
                 self._record(outcome)
+            if self.plan.drain and all(o.result is Result.PENDING for o in outcomes):
+                # Nothing in this batch could be finished (Nuntiq refusing results, say):
+                # claiming more would only take leases that lapse and come back. Stop.
+                self.report.notes.append(
+                    "stopped draining: no invoice of the last batch could be finished"
+                )
+                break
 
     def _claim(self, limit: int) -> list[Lease]:
         ttl = self.plan.lease_ttl_seconds
@@ -537,7 +561,7 @@ class Pusher:
         try:
             self.sessions.warm_up()
             return True
-        except SftpError as exc:
+        except ErpPushError as exc:  # unreachable, refused, or a broken known_hosts file
             self._stop = exc
             for lease in leases:
                 self._record(

@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import paramiko  # type: ignore[import-untyped]
+from paramiko.hostkeys import InvalidHostKey  # type: ignore[import-untyped]
 from paramiko.sftp import (  # type: ignore[import-untyped]
     CMD_EXTENDED,
     CMD_INIT,
@@ -59,6 +60,7 @@ from erp_push.errors import (
     ErpPushError,
     HostKeyMismatch,
     HostKeyUnknown,
+    SettingsError,
     SftpAuthError,
     SftpFolderError,
     SftpOperationError,
@@ -237,10 +239,11 @@ def _load_known_hosts(path: Path) -> Any:
         host_keys.load(str(path))
     except FileNotFoundError:
         log.debug("known_hosts file %s does not exist; treating it as empty", path)
-    except (OSError, paramiko.SSHException) as exc:
-        raise HostKeyUnknown(
-            f"cannot read known_hosts file {path}: {_reason(exc)}", fingerprint=""
-        ) from exc
+    except (OSError, paramiko.SSHException, InvalidHostKey) as exc:
+        # A broken trust file is a settings problem (exit 3), found before any upload.
+        raise SettingsError(
+            [f"config.sftp_known_hosts: cannot use {path}: {_reason(exc)}"]
+        ) from None
     return host_keys
 
 

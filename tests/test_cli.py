@@ -205,3 +205,16 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
     assert result.exit_code == 70
     assert "internal error: RuntimeError" in result.stderr
     assert "Traceback" not in result.stderr and "pw-SHOULD-NOT-SHOW" not in result.stderr
+
+
+def test_every_test_the_readme_cites_exists() -> None:
+    """The README names the tests behind each guarantee: none may go stale."""
+    tests_dir = README.parent / "tests"
+    defined = set(
+        re.findall(r"^(?:async )?def (test_\w+)", "\n".join(
+            p.read_text() for p in tests_dir.glob("test_*.py")
+        ), flags=re.MULTILINE)
+    )  # fmt: skip
+    cited = set(re.findall(r"\b(test_\w+)`", README.read_text()))
+    assert cited, "the README cites no tests"
+    assert cited <= defined, sorted(cited - defined)

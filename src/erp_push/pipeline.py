@@ -63,6 +63,9 @@ LEASE_SAFETY_MARGIN = timedelta(seconds=30)
 RESUMABLE = {Step.PUBLISHED, Step.ACKNOWLEDGED, Step.FAILED}
 # Statuses that mean someone finished the invoice: 100 Processed, 97 IntegrationFailed.
 FINISHED_STATUSES = {100, 97}
+# The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
+# back through claim, in this run or a later one.
+LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,7 @@ class InvoiceWorker:
             return replace(
                 outcome,
                 result=Result.PENDING,
-                message="lease lapsed before the result was reported; the next run finishes it",
+                message=LEASE_LAPSED,
             )
         except NuntiqAuthError:
             raise
@@ -488,7 +491,7 @@ class Pusher:
                 # Its lease may have lapsed at Nuntiq while it looked alive here: then claim
                 # can hand it back to this very run, which finishes it. Reporting it now
                 # would count it twice (pending, then delivered) and fail the exit code.
-                if "lease lapsed" not in (outcome.message or ""):
+                if outcome.message != LEASE_LAPSED:
                     self._recovery_pending.append(outcome)
                 continue  # a lapsed lease: it returns through claim in this or a later run
             self.report.recovered += 1

@@ -63,6 +63,9 @@ LEASE_SAFETY_MARGIN = timedelta(seconds=30)
 RESUMABLE = {Step.PUBLISHED, Step.ACKNOWLEDGED, Step.FAILED}
 # Statuses that mean someone finished the invoice: 100 Processed, 97 IntegrationFailed.
 FINISHED_STATUSES = {100, 97}
+# Failures that say the server, not the invoice, is the problem: a run stops claiming
+# after one, so a full disk fails the invoices in flight, not the whole queue.
+SERVER_REFUSALS = {"SFTP_DISK_FULL", "SFTP_PERMISSION_DENIED", "SFTP_PUBLISH_FAILED"}
 # The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
 # back through claim, in this run or a later one.
 LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
@@ -540,6 +543,14 @@ class Pusher:
                 # claiming more would only take leases that lapse and come back. Stop.
                 self.report.notes.append(
                     "stopped draining: no invoice of the last batch could be finished"
+                )
+                break
+            refused = sorted({o.failure_code or "" for o in outcomes} & SERVER_REFUSALS)
+            if refused:
+                # The server refuses writes (full disk, permissions, no rename): those
+                # invoices failed, each with its code; more would only fail the same way.
+                self.report.notes.append(
+                    f"stopped claiming: the SFTP server refused writes ({', '.join(refused)})"
                 )
                 break
 

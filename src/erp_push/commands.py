@@ -45,9 +45,9 @@ def sftp_options(settings: Settings) -> SftpOptions:
         port=cfg.sftp_port,
         user=cfg.sftp_user,
         password=secrets.sftp_password,
-        private_key_path=_path(cfg.sftp_private_key_path),
+        private_key_path=cfg.sftp_private_key_path,
         private_key_passphrase=secrets.sftp_private_key_passphrase,
-        known_hosts=_path(cfg.sftp_known_hosts),
+        known_hosts=cfg.sftp_known_hosts,
         host_key_sha256=cfg.sftp_host_key_sha256,
         connect_timeout=cfg.sftp_connect_timeout_seconds,
         operation_timeout=cfg.sftp_operation_timeout_seconds,
@@ -101,10 +101,6 @@ def push_plan(
         drain=drain,
         max_invoices=max_invoices,
     )
-
-
-def _path(value: Path | str | None) -> Path | None:
-    return None if value is None else Path(value)
 
 
 # --- push -----------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from erp_push import wire
 from erp_push.errors import ErpPushError, ExitCode
 from erp_push.models import IntegrationResult
 
-FAILURE_MESSAGE_MAX = 500  # Nuntiq's limit for failure_message [contract]
-EXTERNAL_ID_MAX = 255  # Nuntiq's limit for external_id_N [contract]
 FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
 
@@ -50,14 +49,14 @@ def integration_result_for(outcome: Outcome) -> IntegrationResult:
     if outcome.ok:
         assert outcome.remote_path is not None
         path = outcome.remote_path
-        if len(path) <= EXTERNAL_ID_MAX:
+        if wire.text_length(path) <= wire.EXTERNAL_TEXT_MAX:
             return IntegrationResult.delivered(path, DELIVERED_MESSAGE)
         # A long file name in a deep folder can pass Nuntiq's limit on external ids:
         # the name (at most 200 bytes, see render) goes first, its folder second.
         folder, _, name = path.rpartition("/")
         return IntegrationResult(
             success=True,
-            external_ids=(name, folder[:EXTERNAL_ID_MAX] or "/", None),
+            external_ids=(name, folder[: wire.EXTERNAL_TEXT_MAX] or "/", None),
             external_messages=(DELIVERED_MESSAGE, None, None),
         )
     assert outcome.failure_code is not None
@@ -66,8 +65,9 @@ def integration_result_for(outcome: Outcome) -> IntegrationResult:
     )
 
 
-def truncate(text: str, limit: int = FAILURE_MESSAGE_MAX) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def truncate(text: str) -> str:
+    """A failure message cut to what Nuntiq accepts (counted as ``wire`` counts)."""
+    return wire.truncate_text(text, wire.FAILURE_MESSAGE_MAX)
 
 
 @dataclass

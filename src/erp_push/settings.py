@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
-import ipaddress
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -42,6 +41,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from erp_push import wire
 from erp_push.errors import SettingsError
 
 ENV_PREFIX = "ERP_PUSH_"
@@ -392,21 +392,12 @@ def _check_base_url(value: str) -> str:
         raise ValueError("must not have a ?query or #fragment")
     if parts.scheme.lower() not in ("https", "http") or not parts.hostname:
         raise ValueError(f"must be an https:// URL with a host, got {_show(url)}")
-    if parts.scheme.lower() == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme.lower() == "http" and not wire.is_loopback(parts.hostname):
         raise ValueError(
             f"must use https (plain http is allowed only for loopback hosts), got {_show(url)}"
         )
     # Paths are appended to it ("/v1/..."), so a trailing slash would double up.
     return url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
-    except ValueError:
-        return False
 
 
 def _normalize_fingerprint(value: str) -> str:

@@ -600,8 +600,9 @@ class SftpSession:
 
         An identical file already in the outbox or sent/ counts as delivered (nothing is
         written). Raises SftpOperationError for this file alone, SftpUnreachable when the
-        connection is lost (then call ``find_delivered`` after reconnecting: the file may
-        or may not have been published). ``fault`` is a test hook called at each step.
+        connection is lost: the file may or may not have been published, so call
+        ``publish`` again on a new session; it looks for the identical file before
+        writing anything. ``fault`` is a test hook called at each step.
         """
         step = fault or _no_fault
         listing = self._listing(outbox) + self._listing(sent)

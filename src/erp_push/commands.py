@@ -100,6 +100,8 @@ def push_plan(
         concurrency=cfg.concurrency,
         drain=drain,
         max_invoices=max_invoices,
+        max_run_seconds=cfg.max_run_seconds,
+        publish_mode=cfg.publish_mode,
     )
 
 
@@ -127,6 +129,7 @@ def push(
             plan=push_plan(settings, drain=drain, max_invoices=max_invoices),
             on_outcome=on_outcome,
             on_claimed=on_claimed,
+            max_channels=settings.config.sftp_max_channels,
         ).run()
     finally:
         journal.close()
@@ -208,7 +211,10 @@ def _plan_one(
 ) -> PlannedFile:
     if isinstance(item, RenderError):
         return PlannedFile(token, None, None, failure_code=item.failure_code, message=str(item))
-    delivery = session.plan(plan.outbox, plan.sent, item)
+    from erp_push import publish
+
+    drop = publish.Drop(outbox=plan.outbox, sent=plan.sent)
+    delivery = publish.plan(session, drop, item)
     if delivery.already_delivered:
         return PlannedFile(token, item.invoice_number, None, already_delivered=delivery.remote_path)
     name = delivery.remote_path.rpartition("/")[2]

@@ -209,9 +209,29 @@ class SftpOperationError(ErpPushError):
     ``failure_code`` is what the invoice is reported with.
     """
 
-    def __init__(self, message: str, *, failure_code: str = "SFTP_UPLOAD_FAILED") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure_code: str = "SFTP_UPLOAD_FAILED",
+        sftp_code: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.failure_code = failure_code
+        # The SFTP status code the server answered (3 permission denied, 4 a bare
+        # "Failure", ...), so callers decide from the protocol, never from message text.
+        self.sftp_code = sftp_code
+
+
+class RemoteFileMissing(SftpOperationError):
+    """The server says the path does not exist. Callers decide whether that is a failure."""
+
+
+class LeaseLapsing(ErpPushError):
+    """The invoice's lease no longer has its safety margin: nothing may be published.
+
+    Not a failure of the invoice: it stays pending and comes back through claim.
+    """
 
 
 # --- rendering ------------------------------------------------------------------------

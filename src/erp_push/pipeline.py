@@ -25,17 +25,20 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
     ErpPushError,
     InvalidTransition,
     LeaseExpired,
+    LeaseLapsing,
     NuntiqAuthError,
     NuntiqError,
     NuntiqProtocolError,
@@ -48,7 +51,10 @@ from erp_push.journal import Entry, Journal, Step
 from erp_push.models import Lease
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
-from erp_push.transport import Delivery, SftpSession
+
+if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
+    from erp_push.publish import Delivery, ServerTraits
+    from erp_push.transport import SftpSession
 
 log = logging.getLogger("erp_push.pipeline")
 
@@ -66,6 +72,10 @@ FINISHED_STATUSES = {100, 97}
 # Failures that say the server, not the invoice, is the problem: a run stops claiming
 # after one, so a full disk fails the invoices in flight, not the whole queue.
 SERVER_REFUSALS = {"SFTP_DISK_FULL", "SFTP_PERMISSION_DENIED", "SFTP_PUBLISH_FAILED"}
+# A write failure whose cause the server does not name. Not the invoice's fault as far
+# as anyone can tell: the invoice stays pending, and a second one in a row (no file
+# published in between) stops the run, so a broken server cannot burn the queue.
+UNEXPLAINED_WRITE_FAILURE = "SFTP_UPLOAD_FAILED"
 # The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
 # back through claim, in this run or a later one.
 LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
@@ -81,9 +91,11 @@ class PushPlan:
     field_keys: FieldKeys
     batch_size: int = 20
     lease_ttl_seconds: int = 600
-    concurrency: int = 8
+    concurrency: int = 32
     drain: bool = False
     max_invoices: int | None = None
+    max_run_seconds: float = 1200.0
+    publish_mode: str = "rename"
 
 
 class RunStopped(Exception):
@@ -118,21 +130,36 @@ def crash_point(step: str) -> None:
 class SessionPool:
     """Hands each worker its own SFTP session (paramiko's client is not thread-safe).
 
-    Sessions are opened lazily, so a run that has nothing to upload never logs in.
+    Sessions are opened lazily, so a run that has nothing to upload never logs in. Extra
+    workers get their own SFTP channel on an existing login, at most ``max_channels`` per
+    login (servers cap channels per connection, and ProFTPD drops the whole connection
+    on one too many); beyond that another login is opened.
     """
 
-    def __init__(self, connect: Callable[[], SftpSession]) -> None:
+    def __init__(self, connect: Callable[[], SftpSession], max_channels: int = 10) -> None:
         self._connect = connect
+        self._max_channels = max_channels
         self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
         self._all: list[SftpSession] = []
         self._lock = threading.Lock()
+        self._traits: ServerTraits | None = None
+
+    @property
+    def traits(self) -> ServerTraits:
+        """What this run learned about the server, shared by every session."""
+        with self._lock:
+            if self._traits is None:
+                from erp_push.publish import ServerTraits
+
+                self._traits = ServerTraits()
+            return self._traits
 
     @contextmanager
     def session(self) -> Iterator[SftpSession]:
         session = self._take_idle() or self._open()
         try:
             yield session
-        except SftpUnreachable:
+        except SftpError:
             self._discard(session)  # a broken connection is never reused
             raise
         except BaseException:
@@ -166,15 +193,33 @@ class SessionPool:
 
     def _open(self) -> SftpSession:
         # Extra workers get their own SFTP channel on an existing connection: one SSH
-        # login per run, not one per worker (servers limit logins, and each costs ~0.2 s).
+        # login per max_channels workers, not one per worker (servers limit logins, and
+        # each costs ~0.2 s).
         with self._lock:
-            base = next((s for s in self._all if s.owns_connection and s.connected), None)
+            base = next(
+                (
+                    s
+                    for s in self._all
+                    if s.owns_connection
+                    and s.connected
+                    and sum(1 for o in self._all if o.same_connection(s)) < self._max_channels
+                ),
+                None,
+            )
+            if base is not None:
+                # Count the channel before opening it, so two workers cannot both take
+                # the last free slot of a connection.
+                placeholder = _Reserved(base)
+                self._all.append(placeholder)  # type: ignore[arg-type]
         session: SftpSession | None = None
         if base is not None:
             try:
                 session = base.open_channel()
             except SftpUnreachable as exc:
                 log.info("%s; opening another connection", exc)
+            finally:
+                with self._lock:
+                    self._all.remove(placeholder)  # type: ignore[arg-type]
         if session is None:
             session = self._connect()
         with self._lock:
@@ -188,7 +233,49 @@ class SessionPool:
         session.close()
 
 
+class _Reserved:
+    """A channel slot being opened on ``base``'s connection (counts toward its cap)."""
+
+    owns_connection = False
+
+    def __init__(self, base: SftpSession) -> None:
+        self._base = base
+
+    def same_connection(self, other: SftpSession) -> bool:
+        return self._base.same_connection(other)
+
+    @property
+    def connected(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
 # --- one invoice ----------------------------------------------------------------------
+
+
+class ServerHealth:
+    """Whether the SFTP server still takes files, as seen by all lanes of a run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._unexplained_in_a_row = 0
+        self.refusing: str | None = None  # why the run stopped uploading, once it did
+
+    def published(self) -> None:
+        with self._lock:
+            self._unexplained_in_a_row = 0
+
+    def refused(self, failure_code: str) -> None:
+        with self._lock:
+            self.refusing = self.refusing or f"the SFTP server refused writes ({failure_code})"
+
+    def unexplained_failure(self, message: str) -> None:
+        with self._lock:
+            self._unexplained_in_a_row += 1
+            if self._unexplained_in_a_row >= 2 and self.refusing is None:
+                self.refusing = f"the SFTP server failed two writes in a row ({message})"
 
 
 class InvoiceWorker:
@@ -203,12 +290,14 @@ class InvoiceWorker:
         plan: PushPlan,
         today: date,
         fault: Callable[[str], None] | None = None,
+        health: ServerHealth | None = None,
     ) -> None:
         self.nuntiq = nuntiq
         self.sessions = sessions
         self.journal = journal
         self.plan = plan
         self.today = today
+        self.health = health or ServerHealth()
         # The transport's step hook ("tmp_open", "tmp_written", "published"): crash tests
         # kill the process there through the same _ERP_PUSH_KILL_AT as the pipeline steps.
         self.fault = fault or crash_point
@@ -260,9 +349,28 @@ class InvoiceWorker:
             return Outcome(
                 token, Result.PENDING, file.invoice_number, message="lease too close to expiry"
             )
+        if self.health.refusing is not None:  # another lane found the server refusing
+            return Outcome(
+                token,
+                Result.PENDING,
+                file.invoice_number,
+                message=f"not uploaded: {self.health.refusing}",
+            )
         try:
-            delivery = self._publish(file)
+            delivery = self._publish(file, lease)
+        except LeaseLapsing as exc:
+            return Outcome(token, Result.PENDING, file.invoice_number, message=str(exc))
         except SftpOperationError as exc:
+            if exc.failure_code == UNEXPLAINED_WRITE_FAILURE:
+                self.health.unexplained_failure(str(exc))
+                return Outcome(
+                    token,
+                    Result.PENDING,
+                    file.invoice_number,
+                    message=truncate(f"{exc}; left for the next run"),
+                )
+            if exc.failure_code in SERVER_REFUSALS:
+                self.health.refused(exc.failure_code)
             self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
             return Outcome(
                 token,
@@ -271,6 +379,7 @@ class InvoiceWorker:
                 failure_code=exc.failure_code,
                 message=truncate(str(exc)),
             )
+        self.health.published()
         self.journal.record_published(token, delivery.remote_path)
         crash_point("published_recorded")
         result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
@@ -281,23 +390,43 @@ class InvoiceWorker:
         """Uploading on a lease about to lapse risks another run holding the invoice."""
         return lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC)
 
-    def _publish(self, file: RenderedFile) -> Delivery:
+    def _publish(self, file: RenderedFile, lease: Lease) -> Delivery:
         """Publish ``file``, once: after a dropped connection, look before uploading again.
 
-        ``publish`` itself first looks for an identical file under the invoice's name on
-        any day (outbox and sent/), so the retry on a fresh connection finds a file the
-        server published just before the connection dropped, and uploads nothing.
+        ``publish`` itself first looks for an identical file under the invoice's names
+        (outbox and sent/), so the retry on a fresh connection finds a file the server
+        published just before the connection dropped, and uploads nothing. The lease is
+        asked at the last moment before anything becomes visible to the ERP, on the
+        first try and on the retry alike.
         """
-        outbox, sent = self.plan.outbox, self.plan.sent
-        try:
+        from erp_push import publish
+
+        drop = publish.Drop(
+            outbox=self.plan.outbox,
+            sent=self.plan.sent,
+            mode="direct" if self.plan.publish_mode == "direct" else "rename",
+        )
+
+        def attempt() -> Delivery:
             with self.sessions.session() as sftp:
-                return sftp.publish(outbox, sent, file, fault=self.fault)
+                return publish.publish(
+                    sftp,
+                    drop,
+                    file,
+                    traits=self.sessions.traits,
+                    may_publish=lambda: not self._lease_too_short(lease),
+                    step=self.fault,
+                )
+
+        try:
+            return attempt()
         except SftpUnreachable as exc:
             log.warning(
                 "SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc
             )
-            with self.sessions.session() as sftp:
-                return sftp.publish(outbox, sent, file, fault=self.fault)
+            if self._lease_too_short(lease):
+                raise LeaseLapsing("lease too close to expiry to retry the upload") from None
+            return attempt()
 
     def _fail_alone(self, token: str, code: str, message: str) -> Outcome:
         self.journal.record_failed(token, code, truncate(message))
@@ -375,11 +504,13 @@ class Pusher:
         on_outcome: Callable[[Outcome], None] | None = None,
         on_claimed: Callable[[int], None] | None = None,
         fault: Callable[[str], None] | None = None,
+        max_channels: int = 10,
     ) -> None:
         self.nuntiq = nuntiq
         self.journal = journal
         self.plan = plan
-        self.sessions = SessionPool(connect_sftp)
+        self.sessions = SessionPool(connect_sftp, max_channels=max_channels)
+        self.health = ServerHealth()
         self.worker = InvoiceWorker(
             nuntiq=nuntiq,
             sessions=self.sessions,
@@ -387,11 +518,16 @@ class Pusher:
             plan=plan,
             today=today or datetime.now(UTC).date(),
             fault=fault,
+            health=self.health,
         )
+        # The run's deadline, by the monotonic clock: past it nothing new is claimed or
+        # started; what is in flight finishes its steps (each bounded by its timeouts).
+        self._deadline = time.monotonic() + plan.max_run_seconds
         self.on_outcome = on_outcome or (lambda _o: None)
         self.on_claimed = on_claimed or (lambda _n: None)
         self.report = RunReport(command="push")
         self._stop: ErpPushError | None = None
+        self._drain_stuck = False
         # Recovered invoices still pending: reported at the end unless claim finished them.
         self._recovery_pending: list[Outcome] = []
 
@@ -511,48 +647,80 @@ class Pusher:
     # --- claiming -----------------------------------------------------------------------
 
     def _claim_and_deliver(self) -> None:
+        """Claim and deliver, keeping every lane busy: the next batch is claimed while
+        the last one is still being delivered, never more than one batch ahead."""
         # One batch, or with --drain batches until the queue is empty; never more than
         # --max-invoices in all.
         budget = self.plan.max_invoices if self.plan.drain else self.plan.batch_size
         if self.plan.max_invoices is not None:
             budget = min(budget or self.plan.max_invoices, self.plan.max_invoices)
-        first = True
-        while self._stop is None:
-            left = None if budget is None else budget - self.report.claimed
-            limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
-            if limit <= 0:
-                break
-            if first:
-                # A probe of one: idle runs stay fast and never log in to SFTP, and an
-                # unreachable SFTP server strands at most this one lease.
-                limit = 1
-            leases = self._claim(limit)
-            if not leases:
-                break
-            if first:
-                first = False
-                if not self._warm_up_sftp(leases):
-                    break
-            entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
-            crash_point("claimed")
-            outcomes = list(self._deliver_all(entries))
-            for outcome in outcomes:
+        # A probe of one: idle runs stay fast and never log in to SFTP, and an
+        # unreachable SFTP server strands at most this one lease.
+        leases = self._claim(1)
+        if not leases or not self._warm_up_sftp(leases):
+            return
+        in_flight: dict[Future[Outcome], int] = {}
+        batches: dict[int, list[Outcome]] = {}
+        open_batches: dict[int, int] = {}  # batch number -> invoices not yet finished
+        batch_no = 0
+        queue_empty = False
+        while True:
+            if leases:
+                batch_no += 1
+                batches[batch_no], open_batches[batch_no] = [], len(leases)
+                entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
+                crash_point("claimed")
+                for lease, entry in entries:
+                    in_flight[self._pool.submit(self._deliver_one, lease, entry)] = batch_no
+                leases = []
+            stop_reason = self._why_stop_claiming(queue_empty, budget)
+            if stop_reason is None and len(in_flight) < self.plan.concurrency:
+                left = None if budget is None else budget - self.report.claimed
+                limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
+                leases = self._claim(limit)
+                queue_empty = not leases
+                continue
+            if not in_flight:
+                if stop_reason:
+                    self.report.notes.append(stop_reason)
+                return
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                number = in_flight.pop(future)
+                outcome = future.result()
                 self._record(outcome)
-            if self.plan.drain and all(o.result is Result.PENDING for o in outcomes):
-                # Nothing in this batch could be finished (Nuntiq refusing results, say):
-                # claiming more would only take leases that lapse and come back. Stop.
+                batches[number].append(outcome)
+                open_batches[number] -= 1
+                if open_batches[number] == 0:
+                    self._batch_finished(batches.pop(number))
+                    del open_batches[number]
+
+    def _why_stop_claiming(self, queue_empty: bool, budget: int | None) -> str | None:
+        """None while the run should claim more; else why it stops (a note, or "")."""
+        if self._stop is not None or queue_empty or self._drain_stuck:
+            return ""
+        if budget is not None and self.report.claimed >= budget:
+            return ""
+        if self.health.refusing is not None:
+            # The server refuses writes (full disk, permissions, no rename): the invoices
+            # it refused failed, each with its code; more would only fail the same way.
+            return f"stopped claiming: {self.health.refusing}"
+        if time.monotonic() >= self._deadline:
+            return (
+                f"stopped claiming: the run reached max_run_seconds "
+                f"({self.plan.max_run_seconds:g} s); the rest waits for the next run"
+            )
+        return None
+
+    def _batch_finished(self, outcomes: list[Outcome]) -> None:
+        if self.plan.drain and all(o.result is Result.PENDING for o in outcomes):
+            # Nothing in this batch could be finished (Nuntiq refusing results, say):
+            # claiming more would only take leases that lapse and come back. Stop.
+            if not self._drain_stuck:
                 self.report.notes.append(
                     "stopped draining: no invoice of the last batch could be finished"
                 )
-                break
-            refused = sorted({o.failure_code or "" for o in outcomes} & SERVER_REFUSALS)
-            if refused:
-                # The server refuses writes (full disk, permissions, no rename): those
-                # invoices failed, each with its code; more would only fail the same way.
-                self.report.notes.append(
-                    f"stopped claiming: the SFTP server refused writes ({', '.join(refused)})"
-                )
-                break
+            self._drain_stuck = True
 
     def _claim(self, limit: int) -> list[Lease]:
         ttl = self.plan.lease_ttl_seconds
@@ -599,6 +767,13 @@ class Pusher:
                 Result.PENDING,
                 entry.invoice_number,
                 message=f"run stopped: {self._stop}",
+            )
+        if time.monotonic() >= self._deadline and entry.step not in RESUMABLE:
+            return Outcome(
+                lease.invoice_token,
+                Result.PENDING,
+                entry.invoice_number,
+                message="not started: the run reached max_run_seconds",
             )
         try:
             return self.worker.deliver(lease, entry)

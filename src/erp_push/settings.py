@@ -125,10 +125,18 @@ class Config(BaseModel):
         default=600, ge=60, le=1800, description="How long a claim holds an invoice."
     )
     concurrency: int = Field(
-        default=8,
+        default=32,
         ge=1,
-        le=16,
-        description="Invoices in flight at once (SFTP channels on one SSH login).",
+        le=64,
+        description="Invoices in flight at once (each its own SFTP channel; "
+        "sftp_max_channels per SSH login, more logins beyond that).",
+    )
+    max_run_seconds: float = Field(
+        default=1200.0,
+        gt=0,
+        le=86400,
+        description="A run stops claiming and starting invoices after this long, and "
+        "exits with the rest pending (keep it under the cron interval).",
     )
 
     # SFTP
@@ -170,6 +178,13 @@ class Config(BaseModel):
     )
     sftp_keepalive_seconds: float = Field(
         default=15.0, ge=0, le=600, description="SSH keepalive interval; 0 turns it off."
+    )
+    sftp_max_channels: int = Field(
+        default=10,
+        ge=1,
+        le=64,
+        description="SFTP channels opened on one SSH login at most (OpenSSH MaxSessions "
+        "and ProFTPD SFTPMaxChannels are 10; ProFTPD drops the connection on the 11th).",
     )
 
     # Local state

@@ -1,22 +1,16 @@
-"""The SFTP side of a push: verified connect, no-clobber publish, proof of delivery.
+"""The SFTP connection: verified connect, login, and the file operations publishing uses.
 
-The ERP polls the outbox, so three things must never happen there: a partial file under a
-final name, an existing file overwritten, the same invoice delivered twice. This module
-owns all three rules; the pipeline decides *when* to publish, never *how*.
+This module knows how to talk to the server; ``publish.py`` knows what to say. It
+connects (host key always verified before login, timeouts on every step), opens extra
+SFTP channels on one login for parallel work, and offers the primitive operations the
+exactly-once publishing rules are built from: stat, exclusive create, write, link,
+rename, remove, read, statvfs.
 
-How a file gets published (``publish_mode="rename"``)::
-
-    list outbox + sent ─► identical file there? ─► yes: Delivery(already_delivered=True)
-                               │ no
-                               ▼
-    first free name of <stem>.csv, <stem>-2.csv, ... (case-insensitive, outbox and sent)
-                               ▼
-    write <name>.<8 hex>.erp-push.tmp in the outbox (exclusive create), check its size
-                               ▼
-    re-check the name is free ─► hardlink@openssh.com (fails if the name exists), drop tmp
-                                 or, without it, plain SFTP rename (never posix-rename)
-                               ▼
-    name taken meanwhile? identical bytes → already delivered; else try the next name
+Operations can be sent back to back and their replies read together
+(``SftpSession.exchange``): one network round trip for a whole group, which is what
+keeps a publish at a few round trips however far away the server is. Every reply keeps
+the server's SFTP status code (paramiko throws it away), so callers decide from the
+protocol, never from message text.
 
 Paramiko is synchronous and a session is not meant to be shared between threads: run one
 ``SftpSession`` per worker when publishing concurrently.
@@ -30,29 +24,45 @@ import hashlib
 import logging
 import posixpath
 import re
-import secrets
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import paramiko  # type: ignore[import-untyped]
 from paramiko.hostkeys import InvalidHostKey  # type: ignore[import-untyped]
 from paramiko.sftp import (  # type: ignore[import-untyped]
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_DATA,
     CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_HANDLE,
     CMD_INIT,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_REMOVE,
+    CMD_RENAME,
+    CMD_STAT,
+    CMD_STATUS,
     CMD_VERSION,
+    CMD_WRITE,
     SFTP_EOF,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
+    SFTP_FLAG_WRITE,
     SFTP_NO_SUCH_FILE,
     SFTP_OK,
     SFTP_PERMISSION_DENIED,
+    int64,
 )
 from pydantic import SecretStr
 
@@ -60,6 +70,7 @@ from erp_push.errors import (
     ErpPushError,
     HostKeyMismatch,
     HostKeyUnknown,
+    RemoteFileMissing,
     SettingsError,
     SftpAuthError,
     SftpFolderError,
@@ -67,17 +78,32 @@ from erp_push.errors import (
     SftpUnreachable,
 )
 
-if TYPE_CHECKING:
-    from erp_push.render import RenderedFile
-
 log = logging.getLogger(__name__)
 
 # Our temporary files, and only ours: "<final name>.<8 hex>.erp-push.tmp".
 TMP_PATTERN = re.compile(r"^.+\.[0-9a-f]{8}\.erp-push\.tmp$")
-# How many names (<stem>.csv, <stem>-2.csv, ...) publish tries before giving up.
-MAX_CANDIDATES = 100
 _MESSAGE_LIMIT = 500
-_SFTP_FX_OP_UNSUPPORTED = 8  # SFTPv3 status code, not exported by paramiko
+# Files are written in requests of this size (paramiko's own; every server takes it).
+_WRITE_CHUNK = 32768
+
+
+class Status:
+    """SFTP status codes. v3 defines 0-8; servers also send v5/v6 codes to v3 clients
+    (ProFTPD answers 11 for an existing rename target), so those are named too."""
+
+    OK = 0
+    EOF = 1
+    NO_SUCH_FILE = 2
+    PERMISSION_DENIED = 3
+    FAILURE = 4  # OpenSSH's answer for ENOSPC, EROFS, EEXIST on rename, ...
+    BAD_MESSAGE = 5
+    NO_CONNECTION = 6
+    CONNECTION_LOST = 7
+    OP_UNSUPPORTED = 8
+    FILE_ALREADY_EXISTS = 11
+    WRITE_PROTECT = 12
+    NO_SPACE_ON_FILESYSTEM = 14
+    QUOTA_EXCEEDED = 15
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,12 +131,6 @@ class SftpOptions:
 
 
 @dataclass(frozen=True)
-class Delivery:
-    remote_path: str  # where the file was published (outbox path)
-    already_delivered: bool  # an identical file was already there: nothing written
-
-
-@dataclass(frozen=True)
 class RemoteFile:
     path: str
     size: int
@@ -126,32 +146,6 @@ def fingerprint(key: Any) -> str:
 def known_hosts_name(host: str, port: int) -> str:
     """How OpenSSH names a server in known_hosts: ``host`` on 22, ``[host]:port`` otherwise."""
     return host if port == 22 else f"[{host}]:{port}"
-
-
-def family_names(file_name: str) -> Iterator[str]:
-    """``X.csv``, ``X-2.csv``, ``X-3.csv``, ...: the names one invoice's file may carry."""
-    stem, ext = posixpath.splitext(file_name)
-    yield file_name
-    for n in range(2, MAX_CANDIDATES + 1):
-        yield f"{stem}-{n}{ext}"
-
-
-_DATED_STEM = re.compile(r"(?P<number>.+)-[0-9]{8}")
-
-
-def _in_family(name: str, file_name: str) -> bool:
-    """Could ``name`` hold this invoice's file? Its name on any day, with any suffix.
-
-    The date in ``<number>-<YYYYMMDD>.csv`` is the day of the push: a run that crashed
-    yesterday after publishing, and lost its journal, left the file under yesterday's
-    name. Matching any date keeps that file as proof of delivery (only an identical
-    file counts, so a wider family costs reads of same-sized candidates, nothing more).
-    """
-    stem, ext = posixpath.splitext(file_name)
-    dated = _DATED_STEM.fullmatch(stem)
-    head = re.escape(dated["number"]) + "-[0-9]{8}" if dated else re.escape(stem)
-    pattern = rf"{head}(-[1-9][0-9]{{0,3}})?{re.escape(ext)}"
-    return re.fullmatch(pattern, name, flags=re.IGNORECASE) is not None
 
 
 def _short(text: str) -> str:
@@ -179,10 +173,6 @@ class _StatusError(OSError):
         else:
             super().__init__(err, text)
         self.sftp_code = code
-
-
-class RemoteFileMissing(SftpOperationError):
-    """The server says the path does not exist. Callers decide whether that is a failure."""
 
 
 class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
@@ -222,12 +212,12 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
         raise _StatusError(code, err, text)
 
     @property
+    def has_statvfs(self) -> bool:
+        return b"statvfs@openssh.com" in self.extensions
+
+    @property
     def has_hardlink(self) -> bool:
         return self.extensions.get(b"hardlink@openssh.com") == b"1"
-
-    def hardlink(self, oldpath: str, newpath: str) -> None:
-        """OpenSSH's link(2): atomic, and fails when ``newpath`` exists."""
-        self._request(CMD_EXTENDED, "hardlink@openssh.com", oldpath, newpath)
 
 
 # --- connecting -----------------------------------------------------------------------
@@ -381,11 +371,205 @@ def _prefer_key_types(transport: Any, trusted: dict[str, Any]) -> None:
     security.key_types = preferred + [t for t in security.key_types if t not in preferred]
 
 
+# --- one round trip for a group of operations -----------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    size: int
+    mtime: float | None
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class FsStats:
+    """What ``statvfs@openssh.com`` says about the filesystem holding a path."""
+
+    bytes_free: int  # available to unprivileged users
+    files_total: int  # 0 where the filesystem does not count inodes (btrfs)
+    files_free: int
+    read_only: bool
+
+
+class Reply(Generic[T]):
+    """The answer to one operation of an exchange, available once the exchange ends.
+
+    ``value`` returns it, or raises the operation's own error (SftpOperationError with
+    the server's status code; RemoteFileMissing for a missing path).
+    """
+
+    def __init__(self, what: str, parse: Any) -> None:
+        self.what = what
+        self._parse = parse
+        self._value: T | None = None
+        self._error: SftpOperationError | None = None
+        self._done = False
+
+    def _resolve(self, kind: int, msg: Any) -> None:
+        self._done = True
+        if kind == CMD_STATUS:
+            code, text = msg.get_int(), msg.get_text()
+            if code == Status.OK:
+                return
+            self._error = _status_error(code, text, self.what)
+            return
+        self._value = self._parse(kind, msg)
+
+    @property
+    def ok(self) -> bool:
+        return self._done and self._error is None
+
+    @property
+    def error(self) -> SftpOperationError | None:
+        return self._error
+
+    @property
+    def value(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def _status_error(code: int, text: str, what: str) -> SftpOperationError:
+    message = _short(f"sftp {what} failed: {text or 'status ' + str(code)}")
+    if code == Status.NO_SUCH_FILE:
+        return RemoteFileMissing(message, sftp_code=code)
+    return SftpOperationError(message, failure_code=failure_code_for(code), sftp_code=code)
+
+
+def failure_code_for(code: int) -> str:
+    """The failure code an invoice gets when the server refuses its file with ``code``."""
+    if code in (Status.PERMISSION_DENIED, Status.WRITE_PROTECT):
+        return "SFTP_PERMISSION_DENIED"
+    if code in (Status.NO_SPACE_ON_FILESYSTEM, Status.QUOTA_EXCEEDED):
+        return "SFTP_DISK_FULL"
+    return "SFTP_UPLOAD_FAILED"  # a bare Failure says nothing: publish asks statvfs
+
+
+def _attrs(kind: int, msg: Any) -> RemoteStat:
+    if kind != CMD_ATTRS:
+        raise paramiko.SFTPError(f"expected attributes, got packet type {kind}")
+    attrs = paramiko.SFTPAttributes._from_msg(msg)
+    return RemoteStat(
+        size=attrs.st_size or 0,
+        mtime=attrs.st_mtime,
+        is_dir=stat.S_ISDIR(attrs.st_mode or 0),
+    )
+
+
+def _handle(kind: int, msg: Any) -> bytes:
+    if kind != CMD_HANDLE:
+        raise paramiko.SFTPError(f"expected a handle, got packet type {kind}")
+    handle: bytes = msg.get_binary()
+    return handle
+
+
+def _data(kind: int, msg: Any) -> bytes:
+    if kind != CMD_DATA:
+        raise paramiko.SFTPError(f"expected data, got packet type {kind}")
+    data: bytes = msg.get_binary()
+    return data
+
+
+def _fs_stats(kind: int, msg: Any) -> FsStats:
+    if kind != CMD_EXTENDED_REPLY:
+        raise paramiko.SFTPError(f"expected statvfs data, got packet type {kind}")
+    _bsize, frsize, _blocks, _bfree, bavail, files, _ffree, favail, _fsid, flag = (
+        msg.get_int64() for _ in range(10)
+    )
+    return FsStats(
+        bytes_free=bavail * frsize, files_total=files, files_free=favail, read_only=bool(flag & 1)
+    )
+
+
+class Exchange:
+    """Operations sent back to back on one channel; replies read together at the end.
+
+    The server answers requests in order, and none of them waits for another's reply,
+    so a group costs one round trip instead of one per operation.
+    """
+
+    def __init__(self, session: SftpSession) -> None:
+        self._sftp = session._sftp
+        self._pending: dict[int, Reply[Any]] = {}
+
+    # paramiko calls this for each reply to a request we sent with ourselves as owner.
+    def _async_response(self, kind: int, msg: Any, num: int) -> None:
+        self._pending.pop(num)._resolve(kind, msg)
+
+    def _send(self, reply: Reply[T], kind: int, *args: object) -> Reply[T]:
+        num = self._sftp._async_request(self, kind, *args)
+        self._pending[num] = reply
+        return reply
+
+    def stat(self, path: str) -> Reply[RemoteStat]:
+        return self._send(Reply(f"stat {path}", _attrs), CMD_STAT, path)
+
+    def create(self, path: str) -> Reply[bytes]:
+        """Open a new file for writing; refused if ``path`` exists (never truncates)."""
+        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+        return self._send(
+            Reply(f"creating {path}", _handle), CMD_OPEN, path, flags, paramiko.SFTPAttributes()
+        )
+
+    def open_read(self, path: str) -> Reply[bytes]:
+        return self._send(
+            Reply(f"opening {path}", _handle),
+            CMD_OPEN,
+            path,
+            SFTP_FLAG_READ,
+            paramiko.SFTPAttributes(),
+        )
+
+    def write(self, handle: bytes, body: bytes, path: str) -> list[Reply[None]]:
+        return [
+            self._send(
+                Reply(f"writing {path}", None),
+                CMD_WRITE,
+                handle,
+                int64(offset),
+                body[offset : offset + _WRITE_CHUNK],
+            )
+            for offset in range(0, len(body), _WRITE_CHUNK)
+        ]
+
+    def read(self, handle: bytes, offset: int, length: int, path: str) -> Reply[bytes]:
+        return self._send(Reply(f"reading {path}", _data), CMD_READ, handle, int64(offset), length)
+
+    def close(self, handle: bytes, path: str) -> Reply[None]:
+        return self._send(Reply(f"closing {path}", None), CMD_CLOSE, handle)
+
+    def remove(self, path: str) -> Reply[None]:
+        return self._send(Reply(f"removing {path}", None), CMD_REMOVE, path)
+
+    def rename(self, old: str, new: str) -> Reply[None]:
+        # Plain SFTP rename, never posix-rename@openssh.com: posix-rename overwrites by
+        # definition; plain rename at least refuses an existing target on most servers.
+        return self._send(Reply(f"renaming {old} to {new}", None), CMD_RENAME, old, new)
+
+    def hardlink(self, old: str, new: str) -> Reply[None]:
+        """OpenSSH's link(2): atomic, and refused when ``new`` exists."""
+        return self._send(
+            Reply(f"linking {new}", None), CMD_EXTENDED, "hardlink@openssh.com", old, new
+        )
+
+    def statvfs(self, path: str) -> Reply[FsStats]:
+        return self._send(
+            Reply(f"statvfs {path}", _fs_stats), CMD_EXTENDED, "statvfs@openssh.com", path
+        )
+
+    def _collect(self) -> None:
+        while self._pending:
+            self._sftp._read_response()
+
+
 # --- the session ----------------------------------------------------------------------
 
 
 class SftpSession:
-    """One verified, authenticated SFTP connection to the ERP's server."""
+    """One verified, authenticated SFTP channel to the ERP's server."""
 
     def __init__(
         self,
@@ -399,9 +583,14 @@ class SftpSession:
         self._transport = transport
         self._sftp = sftp
         self.owns_connection = owns_connection  # False for extra channels (open_channel)
-        # Servers may advertise hardlink yet fail it (e.g. a filesystem without links);
-        # after the first such failure we use rename for the rest of the session.
-        self._use_hardlink = sftp.has_hardlink
+
+    @property
+    def has_hardlink(self) -> bool:
+        return self._sftp.has_hardlink
+
+    @property
+    def has_statvfs(self) -> bool:
+        return self._sftp.has_statvfs
 
     @classmethod
     def connect(cls, options: SftpOptions) -> SftpSession:
@@ -441,8 +630,9 @@ class SftpSession:
         """Another SFTP session over this same SSH connection: parallel work, one login.
 
         Each channel has its own request stream, so workers never share paramiko's
-        client. Servers cap channels per connection (OpenSSH ``MaxSessions``, 10 by
-        default): a refusal raises SftpUnreachable and the caller opens a new connection.
+        client. Servers cap channels per connection (OpenSSH ``MaxSessions`` 10, ProFTPD
+        ``SFTPMaxChannels`` 10, and ProFTPD drops the whole connection on the 11th): the
+        pool never asks for more than ``max_channels``. A refusal raises SftpUnreachable.
         """
         try:
             sftp = _open_sftp(self._transport, self.options)
@@ -453,6 +643,9 @@ class SftpSession:
                 )
             ) from None
         return SftpSession(self.options, self._transport, sftp, owns_connection=False)
+
+    def same_connection(self, other: SftpSession) -> bool:
+        return self._transport is other._transport
 
     @property
     def connected(self) -> bool:
@@ -491,7 +684,7 @@ class SftpSession:
         )
 
     @contextmanager
-    def _guard(self, what: str, failure_code: str = "SFTP_UPLOAD_FAILED") -> Iterator[None]:
+    def _guard(self, what: str) -> Iterator[None]:
         """Turn paramiko/socket errors into our tree; ``what`` names the step and path."""
         try:
             yield
@@ -504,14 +697,73 @@ class SftpSession:
                 raise SftpUnreachable(
                     _short(f"lost sftp {self.options.address} while {what}: {_reason(exc)}")
                 ) from None
-            message = _short(f"sftp {what} failed: {_reason(exc)}")
-            if getattr(exc, "errno", None) == errno.ENOENT:
-                raise RemoteFileMissing(message, failure_code=failure_code) from None
-            raise SftpOperationError(
-                message, failure_code=_failure_code(exc, failure_code)
-            ) from None
+            code = getattr(exc, "sftp_code", None)
+            if code is not None:
+                raise _status_error(code, _reason(exc), what) from None
+            raise SftpOperationError(_short(f"sftp {what} failed: {_reason(exc)}")) from None
 
-    # --- folders and listings ---------------------------------------------------------
+    @contextmanager
+    def exchange(self, what: str) -> Iterator[Exchange]:
+        """Send operations back to back inside the block; on leaving it, read every reply.
+
+        Each operation's result is in its ``Reply`` afterwards: one failing operation
+        does not raise here. A lost or timed-out connection raises SftpUnreachable
+        (and closes this session: its request stream is out of step).
+        """
+        batch = Exchange(self)
+        with self._guard(what):
+            yield batch
+            batch._collect()
+
+    # --- single operations, each one round trip ---------------------------------------
+
+    def stat(self, path: str) -> RemoteStat | None:
+        """The path's size and type, or None when it does not exist."""
+        with self.exchange(f"checking {path}") as batch:
+            reply = batch.stat(path)
+        try:
+            return reply.value
+        except RemoteFileMissing:
+            return None
+
+    def read(self, path: str, limit: int) -> bytes | None:
+        """The file's bytes (at most ``limit``), or None when it is gone."""
+        with self.exchange(f"opening {path}") as batch:
+            opened = batch.open_read(path)
+        try:
+            handle = opened.value
+        except RemoteFileMissing:
+            return None
+        chunks: list[bytes] = []
+        try:
+            with self.exchange(f"reading {path}") as batch:
+                reads = [
+                    batch.read(handle, offset, _WRITE_CHUNK, path)
+                    for offset in range(0, limit + 1, _WRITE_CHUNK)
+                ]
+                batch.close(handle, path)
+        except SftpUnreachable:
+            raise
+        for reply in reads:
+            if reply.error is not None:
+                if reply.error.sftp_code == Status.EOF:
+                    break
+                raise reply.error
+            chunks.append(reply.value)
+            if len(reply.value) < _WRITE_CHUNK:
+                break
+        return b"".join(chunks)
+
+    def remove(self, path: str) -> None:
+        """Remove one of our tmp files. Refuses any other name; a missing file is fine."""
+        if not TMP_PATTERN.match(posixpath.basename(path)):
+            raise ValueError(f"refusing to remove {path}: not an erp-push tmp file")
+        with self.exchange(f"removing {path}") as batch:
+            reply = batch.remove(path)
+        if reply.error is not None and not isinstance(reply.error, RemoteFileMissing):
+            raise reply.error  # a missing file: another cleanup got there first
+
+    # --- folders ------------------------------------------------------------------------
 
     def check_folders(self, outbox: str, sent: str | None) -> None:
         """The outbox must be a directory; a missing ``sent`` folder counts as empty."""
@@ -521,254 +773,16 @@ class SftpSession:
 
     def _check_folder(self, path: str, setting: str, *, missing_ok: bool) -> None:
         try:
-            with self._guard(f"checking {path}"):
-                attrs = self._sftp.stat(path)
-        except RemoteFileMissing:
+            found = self.stat(path)
+        except SftpOperationError as exc:
+            raise SftpFolderError(f"{setting} {path} is not usable: {exc.message}") from None
+        if found is None:
             if missing_ok:
                 log.debug("%s %s does not exist; treating it as empty", setting, path)
                 return
-            raise SftpFolderError(f"{setting} {path} does not exist") from None
-        except SftpOperationError as exc:
-            raise SftpFolderError(f"{setting} {path} is not usable: {exc.message}") from None
-        if not stat.S_ISDIR(attrs.st_mode or 0):
+            raise SftpFolderError(f"{setting} {path} does not exist")
+        if not found.is_dir:
             raise SftpFolderError(f"{setting} {path} is not a directory")
-
-    def _listing(self, folder: str | None) -> list[str]:
-        """Paths of every entry in ``folder``, sorted; a missing folder is empty."""
-        if folder is None:
-            return []
-        try:
-            with self._guard(f"listing {folder}"):
-                entries = self._sftp.listdir_attr(folder)
-        except RemoteFileMissing:
-            return []
-        return sorted(posixpath.join(folder, e.filename) for e in entries)
-
-    def _exists(self, path: str) -> bool:
-        try:
-            with self._guard(f"checking {path}"):
-                self._sftp.stat(path)
-        except RemoteFileMissing:
-            return False
-        return True
-
-    def _holds(self, path: str, body: bytes) -> bool:
-        """Does ``path`` hold exactly ``body``? Size first, so most mismatches cost no read."""
-        try:
-            with self._guard(f"reading {path}"):
-                if self._sftp.stat(path).st_size != len(body):
-                    return False
-                with self._sftp.open(path, "rb") as remote:
-                    data: bytes = remote.read()
-        except SftpOperationError as exc:
-            # Vanished (the ERP took it) or unreadable: not provably ours, so not identical.
-            log.debug("cannot compare %s: %s", path, exc.message)
-            return False
-        # Comparing the bytes is the sha256 comparison without the hashing.
-        return data == body
-
-    def _identical_in(self, listing: list[str], file: RenderedFile) -> str | None:
-        for path in listing:
-            if _in_family(posixpath.basename(path), file.file_name) and self._holds(
-                path, file.body
-            ):
-                return path
-        return None
-
-    def find_delivered(self, outbox: str, sent: str | None, file: RenderedFile) -> str | None:
-        """Path of a file with the same bytes under the file's name family, or None.
-
-        Read-only and safe to repeat; proves delivery after a crash or reconnect.
-        """
-        for folder in (outbox, sent):
-            found = self._identical_in(self._listing(folder), file)
-            if found is not None:
-                return found
-        return None
-
-    # --- publishing -------------------------------------------------------------------
-
-    def publish(
-        self,
-        outbox: str,
-        sent: str | None,
-        file: RenderedFile,
-        *,
-        fault: Callable[[str], None] | None = None,
-    ) -> Delivery:
-        """Put ``file`` into the outbox under a free name, never overwriting anything.
-
-        An identical file already in the outbox or sent/ counts as delivered (nothing is
-        written). Raises SftpOperationError for this file alone, SftpUnreachable when the
-        connection is lost: the file may or may not have been published, so call
-        ``publish`` again on a new session; it looks for the identical file before
-        writing anything. ``fault`` is a test hook called at each step.
-        """
-        step = fault or _no_fault
-        listing = self._listing(outbox) + self._listing(sent)
-        existing = self._identical_in(listing, file)
-        if existing is not None:
-            return Delivery(remote_path=existing, already_delivered=True)
-        free = _free_names(listing, file.file_name, outbox)
-        if self.options.publish_mode == "direct":
-            return self._publish_direct(outbox, sent, file, free, step)
-        return self._publish_via_tmp(outbox, sent, file, free, step)
-
-    def plan(self, outbox: str, sent: str | None, file: RenderedFile) -> Delivery:
-        """What ``publish`` would do now, without writing anything (for dry-run).
-
-        ``already_delivered`` with the identical file's path, or the outbox path the file
-        would be published under. Another writer may take that name before a real push.
-        """
-        listing = self._listing(outbox) + self._listing(sent)
-        existing = self._identical_in(listing, file)
-        if existing is not None:
-            return Delivery(remote_path=existing, already_delivered=True)
-        name = _free_names(listing, file.file_name, outbox)[0]
-        return Delivery(remote_path=posixpath.join(outbox, name), already_delivered=False)
-
-    def _publish_via_tmp(
-        self,
-        outbox: str,
-        sent: str | None,
-        file: RenderedFile,
-        free: list[str],
-        step: Callable[[str], None],
-    ) -> Delivery:
-        tmp = posixpath.join(outbox, f"{free[0]}.{secrets.token_hex(4)}.erp-push.tmp")
-        created = False
-        try:
-            with self._guard(f"writing {tmp}"):
-                # "x": exclusive create, so even a (practically impossible) tmp name clash
-                # cannot truncate another writer's file.
-                handle = self._sftp.open(tmp, "wbx", bufsize=0)
-                created = True
-                self._write_all(handle, file.body, tmp, step)
-            step("tmp_written")
-            delivery = self._move_into_place(tmp, outbox, sent, file, free)
-            step("published")
-            return delivery
-        except SftpUnreachable:
-            raise  # the connection is gone: the tmp stays for cleanup-tmp
-        except BaseException:
-            if created:
-                self._discard_tmp(tmp)
-            raise
-
-    def _write_all(self, handle: Any, body: bytes, path: str, step: Callable[[str], None]) -> None:
-        # Deliberately not pipelined: paramiko never reads the replies to pipelined
-        # writes, so a full disk or a quota would go unnoticed until the size check. An
-        # invoice file fits in one or two 32 KiB write requests anyway. Unbuffered
-        # (bufsize=0 at open), so a failing write raises here, not inside close().
-        with handle:
-            step("tmp_open")
-            handle.write(body)
-        size = self._sftp.stat(path).st_size
-        if size != len(body):
-            raise SftpOperationError(
-                f"sftp wrote {size} of {len(body)} bytes to {path}",
-                failure_code="SFTP_UPLOAD_FAILED",
-            )
-
-    def _move_into_place(
-        self, tmp: str, outbox: str, sent: str | None, file: RenderedFile, free: list[str]
-    ) -> Delivery:
-        for name in free:
-            final = posixpath.join(outbox, name)
-            # Someone (a concurrent run, the ERP, an operator) may have taken the name
-            # since we listed: the rename must not be what finds out, as it may overwrite.
-            rival = self._taken_by(name, outbox, sent)
-            if rival is None and self._link_or_rename(tmp, final):
-                return Delivery(remote_path=final, already_delivered=False)
-            rival = rival or final
-            if self._holds(rival, file.body):
-                # A concurrent run delivered the same invoice first.
-                self._discard_tmp(tmp)
-                return Delivery(remote_path=rival, already_delivered=True)
-            log.debug("%s was taken meanwhile; trying the next name", name)
-        raise SftpOperationError(
-            f"no free name for {file.file_name} in {outbox} after {len(free)} tries",
-            failure_code="SFTP_PUBLISH_FAILED",
-        )
-
-    def _taken_by(self, name: str, outbox: str, sent: str | None) -> str | None:
-        for folder in (outbox, sent):
-            if folder is not None and self._exists(posixpath.join(folder, name)):
-                return posixpath.join(folder, name)
-        return None
-
-    def _link_or_rename(self, tmp: str, final: str) -> bool:
-        """Publish ``tmp`` as ``final``. False when ``final`` turned out to exist."""
-        if self._use_hardlink:
-            try:
-                with self._guard(f"linking {final}", "SFTP_PUBLISH_FAILED"):
-                    # link(2) refuses an existing target atomically: no window at all.
-                    self._sftp.hardlink(tmp, final)
-            except SftpOperationError as exc:
-                if self._exists(final):
-                    return False
-                log.debug("hardlink failed on %s (%s); using rename", final, exc.message)
-                self._use_hardlink = False
-            else:
-                self._discard_tmp(tmp)
-                return True
-        try:
-            with self._guard(f"renaming {tmp} to {final}", "SFTP_PUBLISH_FAILED"):
-                # Plain SFTP rename, never posix-rename: posix-rename overwrites by
-                # definition, plain rename at least refuses on OpenSSH and asyncssh.
-                self._sftp.rename(tmp, final)
-        except SftpOperationError:
-            # OpenSSH answers a plain "Failure" when the target exists: look, don't guess.
-            if self._exists(final):
-                return False
-            raise
-        return True
-
-    def _publish_direct(
-        self,
-        outbox: str,
-        sent: str | None,
-        file: RenderedFile,
-        free: list[str],
-        step: Callable[[str], None],
-    ) -> Delivery:
-        """For servers that forbid rename: write the final name itself. NOT atomic."""
-        for name in free:
-            final = posixpath.join(outbox, name)
-            if self._taken_by(name, outbox, sent) is not None:
-                continue
-            created = False
-            try:
-                with self._guard(f"writing {final}"):
-                    # Exclusive create: if the name appeared since the check, open fails
-                    # instead of truncating someone else's file (where the server honours it).
-                    handle = self._sftp.open(final, "wbx", bufsize=0)
-                    created = True
-                    self._write_all(handle, file.body, final, step)
-                step("tmp_written")
-                step("published")
-                return Delivery(remote_path=final, already_delivered=False)
-            except SftpOperationError:
-                if created:
-                    self._discard_tmp(final, ours=True)  # a partial file we created
-                    raise
-                if not self._exists(final):
-                    raise
-        raise SftpOperationError(
-            f"no free name for {file.file_name} in {outbox}", failure_code="SFTP_PUBLISH_FAILED"
-        )
-
-    def _discard_tmp(self, path: str, *, ours: bool = False) -> None:
-        """Best effort removal of a file this publish created; never anything else."""
-        if not (ours or TMP_PATTERN.match(posixpath.basename(path))):
-            return
-        try:
-            with self._guard(f"removing {path}"):
-                self._sftp.remove(path)
-        except ErpPushError as exc:
-            log.debug("could not remove %s: %s", path, exc.message)
-
-    # --- cleanup of our own tmp files -------------------------------------------------
 
     def list_stale_tmp(self, outbox: str, older_than: timedelta) -> list[RemoteFile]:
         """erp-push's own tmp files in ``outbox`` last modified before now - older_than."""
@@ -784,43 +798,3 @@ class SftpSession:
             for e in sorted(entries, key=lambda e: e.filename)
             if TMP_PATTERN.match(e.filename) and (e.st_mtime or 0) < cutoff
         ]
-
-    def remove(self, path: str) -> None:
-        """Remove one of our tmp files. Refuses any other name; a missing file is fine."""
-        if not TMP_PATTERN.match(posixpath.basename(path)):
-            raise ValueError(f"refusing to remove {path}: not an erp-push tmp file")
-        try:
-            with self._guard(f"removing {path}"):
-                self._sftp.remove(path)
-        except RemoteFileMissing:
-            pass  # already gone: another cleanup got there first
-
-
-def _free_names(listing: list[str], file_name: str, outbox: str) -> list[str]:
-    """The file's name family minus every name taken in ``listing``, in order."""
-    # Windows servers treat ABC.csv and abc.CSV as one name: so do we, everywhere.
-    taken = {posixpath.basename(p).lower() for p in listing}
-    free = [n for n in family_names(file_name) if n.lower() not in taken]
-    if not free:
-        raise SftpOperationError(
-            f"no free name for {file_name} in {outbox}: {MAX_CANDIDATES} taken",
-            failure_code="SFTP_PUBLISH_FAILED",
-        )
-    return free
-
-
-def _no_fault(step: str) -> None:
-    return None
-
-
-def _failure_code(exc: BaseException, default: str) -> str:
-    """Map a server's refusal to the failure code the invoice is reported with."""
-    if default == "SFTP_PUBLISH_FAILED":
-        return default  # the publish step itself was refused: say so, whatever the cause
-    text = str(exc).lower()
-    err = getattr(exc, "errno", None)
-    if err in (errno.EACCES, errno.EPERM) or "permission denied" in text:
-        return "SFTP_PERMISSION_DENIED"
-    if err in (errno.ENOSPC, errno.EDQUOT) or "no space" in text or "quota" in text:
-        return "SFTP_DISK_FULL"
-    return default

@@ -18,8 +18,10 @@ and can imitate each family of behaviour (``quirk``):
   before the reply is sent; once per server.
 - ``permission_denied_write``: opening any file for writing is permission denied.
 - ``disk_full``: writes fail with FX_FAILURE "No space left on device" once the
-  server has taken ``disk_full_after`` bytes.
+  server has taken ``disk_full_after`` bytes; statvfs then reports no space left.
 - ``hang_on_write``: opening a file for writing never gets an answer (a hung server).
+- ``case_insensitive``: names resolve as on a Windows server: ``ABC.CSV`` and
+  ``abc.csv`` are one name (the existing spelling wins).
 
 ``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
 advertises its extensions per class, not per server, so it is still *listed*; the client
@@ -33,6 +35,7 @@ paramiko clients can talk to it from the main thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
@@ -55,6 +58,7 @@ QUIRKS = (
     "permission_denied_write",
     "disk_full",
     "hang_on_write",
+    "case_insensitive",
 )
 
 OUTBOX = "outbox"
@@ -118,6 +122,12 @@ class QuirkyServer(asyncssh.SFTPServer):
     def _local(self, path: bytes) -> str:
         return os.fsdecode(self.map_path(path))
 
+    def map_path(self, path: bytes) -> bytes:
+        local: bytes = super().map_path(path)
+        if self._config.quirk != "case_insensitive":
+            return local
+        return _fold_case(local, os.fsencode(self._config.root))
+
     def _after_publish(self, newpath: bytes) -> None:
         quirk = self._config.quirk
         if quirk == "instant_pickup":
@@ -154,6 +164,26 @@ class QuirkyServer(asyncssh.SFTPServer):
             self._config.bytes_written += len(data)
         return super().write(file_obj, offset, data)  # type: ignore[return-value]
 
+    def statvfs(self, path: bytes) -> object:
+        # A full server tells the truth here, as OpenSSH's statvfs@openssh.com does.
+        if self._config.quirk == "disk_full" and (
+            self._config.bytes_written >= self._config.disk_full_after
+        ):
+            return asyncssh.SFTPVFSAttrs(
+                bsize=4096,
+                frsize=4096,
+                blocks=4,
+                bfree=0,
+                bavail=0,
+                files=64,
+                ffree=0,
+                favail=0,
+                fsid=0,
+                flags=0,
+                namemax=255,
+            )
+        return super().statvfs(path)
+
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         quirk = self._config.quirk
         if quirk == "no_rename":
@@ -179,6 +209,22 @@ class QuirkyServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPOpUnsupported("hardlink not supported")
         super().link(oldpath, newpath)
         self._after_publish(newpath)
+
+
+def _fold_case(local: bytes, root: bytes) -> bytes:
+    """Resolve each name under ``root`` as a Windows server does: case-preserving, but
+    ``ABC.CSV`` and ``abc.csv`` are one name (the existing entry's spelling wins)."""
+    resolved = root
+    for part in os.path.relpath(local, root).split(os.sep.encode()):
+        candidate = os.path.join(resolved, part)
+        if part not in (b".", b"..") and not os.path.lexists(candidate):
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(resolved):
+                    if entry.lower() == part.lower():
+                        candidate = os.path.join(resolved, entry)
+                        break
+        resolved = candidate
+    return resolved
 
 
 async def _cancel_pending() -> None:

@@ -151,8 +151,9 @@ def test_taken_names_get_a_suffix_and_identical_files_count_as_delivered(
     sandbox: Sandbox,
     make_settings: MakeSettings,
 ) -> None:
-    """G4 and G2: names taken in outbox or sent/ (any case) get a suffix; nothing is
-    overwritten; an identical file already in sent/ counts as delivered."""
+    """G4 and G2: names taken in outbox or sent/ get a suffix; nothing is overwritten; an
+    identical file already in sent/ counts as delivered. (Names in another case count as
+    taken where the server says so: test_transport's case-insensitive server.)"""
     server: SftpServerInfo = request.getfixturevalue(server_fixture)
     server.clear()
     a, b, c = sandbox.control.seed(3)
@@ -161,7 +162,7 @@ def test_taken_names_get_a_suffix_and_identical_files_count_as_delivered(
     day = datetime.now(UTC).strftime("%Y%m%d")
     name = {t: f"{numbers[t]}-{day}.csv" for t in (a, b, c)}
     strangers = {
-        f"{server.outbox}/{name[a].upper()}": b"someone else's file, outbox\n",
+        f"{server.outbox}/{name[a]}": b"someone else's file, outbox\n",
         f"{server.sent}/{name[b]}": b"someone else's file, sent\n",
     }
     for path, data in strangers.items():

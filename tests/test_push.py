@@ -10,8 +10,9 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -484,3 +485,38 @@ def test_a_connection_dropped_mid_batch_does_not_stop_the_run(
     statuses = sandbox.control.statuses()
     assert all(statuses[t] == 100 for t in tokens)
     assert len([p for p in server.files() if p.endswith(".csv")]) == 12
+
+
+@pytest.mark.sshd
+def test_a_run_stalled_past_its_lease_never_publishes_its_tmp(
+    sandbox: Sandbox,
+    openssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run frozen (SIGSTOP, a swapped-out VM) after writing its tmp wakes up with a
+    lapsed lease: another run may hold the invoice by now, so the tmp is removed and
+    nothing becomes visible to the ERP. The freeze is a sleep at the tmp_written step,
+    with the safety margin raised so that a short sleep crosses it."""
+    from erp_push import pipeline
+
+    server = openssh_sftp
+    server.clear()
+    (token,) = sandbox.control.seed(1)
+    monkeypatch.setattr(pipeline, "LEASE_SAFETY_MARGIN", timedelta(seconds=60 - 2))
+    stalled: list[str] = []
+
+    def stall(step: str) -> None:
+        if step == "tmp_written":
+            stalled.append(step)
+            time.sleep(2.5)  # the lease now has less than the margin left
+
+    monkeypatch.setattr(pipeline, "crash_point", stall)
+    report = push(make_settings(server, config={"lease_ttl_seconds": 60}))
+
+    assert stalled == ["tmp_written"]
+    (outcome,) = report.outcomes
+    assert outcome.result is Result.PENDING
+    assert "lease" in (outcome.message or "")
+    assert server.listdir(server.outbox) == []  # no file, no tmp
+    assert sandbox.control.statuses()[token] == 92  # still leased; it comes back later

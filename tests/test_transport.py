@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -687,3 +688,41 @@ def _ed25519_key_file() -> str:
     path = Path(tempfile.mkdtemp()) / "hostkey"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return str(path)
+
+
+# --- cost: round trips and requests do not grow with the folders ------------------------
+
+
+def test_a_fresh_file_costs_four_round_trips_whatever_the_folders_hold(
+    sftp_server_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = sftp_server_factory("normal")
+    assert info.root is not None and info.requests is not None
+    # A year of the ERP's archive in sent/, and a backlog in the outbox.
+    for n in range(3000):
+        (info.root / "outbox" / "sent" / f"OLD-{n:05d}-20250101.csv").write_bytes(b"x")
+    for n in range(300):
+        (info.root / "outbox" / f"WAITING-{n:04d}-20260101.csv").write_bytes(b"y")
+    round_trips = 0
+    real_exchange = SftpSession.exchange
+
+    def counting_exchange(self: SftpSession, what: str) -> Any:
+        nonlocal round_trips
+        round_trips += 1
+        return real_exchange(self, what)
+
+    monkeypatch.setattr(SftpSession, "exchange", counting_exchange)
+    with SftpSession.connect(info.options()) as session:
+        info.requests.clear()
+        round_trips = 0
+        for n in range(5):
+            file = rendered(body=BODY + str(n).encode(), name=f"NEW{n}-20260101.csv")
+            delivery = publish_on(session, info.outbox, info.sent, file)
+            assert not delivery.already_delivered
+
+    # Stat the names (8 days x 2 folders) + create the tmp; write + close; re-check the
+    # name (2 stats); link + remove the tmp. Never a listing.
+    assert round_trips == 5 * 4
+    assert info.requests["list"] == 0
+    per_file = 2 * (publishing.LOOKBACK_DAYS + 1) + 1 + 2 + 2 + 2
+    assert sum(info.requests.values()) == 5 * per_file

@@ -185,18 +185,19 @@ def _look(
     first_wave = True
     compared: set[str] = set()
     while True:
-        asked: list[tuple[_Family, int, str, object]] = []
+        wanted = [
+            (family, i, posixpath.join(folder, family.names[i]))
+            for family in families
+            for i in family.wanted()
+            for folder in drop.folders
+        ]
+        if not wanted:
+            return Lookup(identical=None, today=families[0])
         with session.exchange("looking for earlier deliveries") as batch:
             if first_wave and also is not None:
                 also(batch)
-            for family in families:
-                for i in family.wanted():
-                    for folder in drop.folders:
-                        path = posixpath.join(folder, family.names[i])
-                        asked.append((family, i, path, batch.stat(path)))
+            asked = [(family, i, path, batch.stat(path)) for family, i, path in wanted]
         first_wave = False
-        if not asked:
-            return Lookup(identical=None, today=families[0])
         for family, i, path, reply in asked:
             family.looked = max(family.looked, i + 1)
             try:

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import os
 import threading
+from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ class ServerConfig:
     publishes: int = 0
     bytes_written: int = 0
     connections: list[asyncssh.SSHServerConnection] = field(default_factory=list)
+    # every SFTP request served, by kind ("stat", "open", "list", ...): tests count them
+    requests: Counter[str] = field(default_factory=Counter)
 
 
 class _Auth(asyncssh.SSHServer):
@@ -146,7 +149,34 @@ class QuirkyServer(asyncssh.SFTPServer):
 
     # -- quirky operations -----------------------------------------------------------
 
+    # -- counted operations (tests assert how many requests a publish costs) ------------
+
+    def stat(self, path: bytes) -> Any:
+        self._config.requests["stat"] += 1
+        return super().stat(path)
+
+    def lstat(self, path: bytes) -> Any:
+        self._config.requests["stat"] += 1
+        return super().lstat(path)
+
+    def scandir(self, path: bytes) -> Any:
+        self._config.requests["list"] += 1
+        return super().scandir(path)
+
+    def close(self, file_obj: object) -> Any:
+        self._config.requests["close"] += 1
+        return super().close(file_obj)
+
+    def read(self, file_obj: object, offset: int, size: int) -> Any:
+        self._config.requests["read"] += 1
+        return super().read(file_obj, offset, size)
+
+    def remove(self, path: bytes) -> Any:
+        self._config.requests["remove"] += 1
+        return super().remove(path)
+
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        self._config.requests["open"] += 1
         if self._config.quirk == "permission_denied_write" and pflags & FXF_WRITE:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if self._config.quirk == "hang_on_write" and pflags & FXF_WRITE:
@@ -154,6 +184,7 @@ class QuirkyServer(asyncssh.SFTPServer):
         return super().open(path, pflags, attrs)
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        self._config.requests["write"] += 1
         if self._config.quirk == "disk_full":
             room = self._config.disk_full_after - self._config.bytes_written
             if len(data) > room:
@@ -185,6 +216,7 @@ class QuirkyServer(asyncssh.SFTPServer):
         return super().statvfs(path)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._config.requests["rename"] += 1
         quirk = self._config.quirk
         if quirk == "no_rename":
             raise asyncssh.SFTPPermissionDenied("Permission denied")
@@ -203,6 +235,7 @@ class QuirkyServer(asyncssh.SFTPServer):
         self._after_publish(newpath)
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
+        self._config.requests["link"] += 1
         if self._config.quirk == "no_rename":
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if not self._config.hardlink:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +63,8 @@ class SftpServerInfo:
     outbox: str = "/outbox"
     sent: str = "/outbox/sent"
     content: dict[str, Any] | None = field(default=None, repr=False)
+    # asyncssh servers only: every SFTP request served, by kind ("stat", "list", ...)
+    requests: Counter[str] | None = field(default=None, repr=False)
 
     def options(self, **overrides: Any) -> SftpOptions:
         """Client options that trust this server (via known_hosts) and log in by password."""
@@ -225,6 +228,7 @@ def sftp_server_factory(
             host_key_sha256=_asyncssh_host_key.get_fingerprint("sha256"),
             known_hosts_path=known_hosts,
             client_key_path=client_key_path,
+            requests=config.requests,
         )
 
     yield start

@@ -674,7 +674,10 @@ class Pusher:
                     in_flight[self._pool.submit(self._deliver_one, lease, entry)] = batch_no
                 leases = []
             stop_reason = self._why_stop_claiming(queue_empty, budget)
-            if stop_reason is None and len(in_flight) < self.plan.concurrency:
+            # The probe is finished before more is claimed: a server that refuses every
+            # write, or a Nuntiq that refuses every result, then costs one invoice.
+            probing = 1 in open_batches
+            if stop_reason is None and not probing and len(in_flight) < self.plan.concurrency:
                 left = None if budget is None else budget - self.report.claimed
                 limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
                 leases = self._claim(limit)

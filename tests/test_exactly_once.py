@@ -328,21 +328,35 @@ def test_an_unpublished_crash_waits_for_its_lease_and_is_not_resumed_early(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("journals", ["shared", "separate"])
+@pytest.mark.parametrize(
+    ("journals", "in_flight", "server_fixture"),
+    [
+        pytest.param("shared", None, "asyncssh_sftp", id="shared-default"),  # None: default
+        pytest.param("separate", None, "asyncssh_sftp", id="separate-default"),
+        # 32 in flight: beyond OpenSSH's MaxSessions, so several logins per run
+        pytest.param("shared", 32, "openssh_sftp", id="shared-32-openssh", marks=pytest.mark.sshd),
+    ],
+)
 def test_concurrent_runs_deliver_each_invoice_once(
     journals: str,
+    in_flight: int | None,
+    server_fixture: str,
+    request: pytest.FixtureRequest,
     sandbox: Sandbox,
-    asyncssh_sftp: SftpServerInfo,
     make_settings: MakeSettings,
     tmp_path: Path,
 ) -> None:
     """G2: four push processes drain one queue into one folder at the same time."""
     count = 400 if journals == "shared" else 200
-    server = asyncssh_sftp
+    server: SftpServerInfo = request.getfixturevalue(server_fixture)
+    server.clear()
     tokens = sandbox.control.seed(count)
     state = [tmp_path / ("state" if journals == "shared" else f"state{i}") for i in range(4)]
+    extra = {} if in_flight is None else {"concurrency": in_flight}
     settings = [
-        make_settings(server, config={"state_dir": str(state[i])}, name=f"settings{i}.json")
+        make_settings(
+            server, config={"state_dir": str(state[i]), **extra}, name=f"settings{i}.json"
+        )
         for i in range(4)
     ]
     env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}

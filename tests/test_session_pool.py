@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 from erp_push.errors import SftpOperationError
 from erp_push.pipeline import SessionPool
 from erp_push.transport import SftpSession
@@ -57,4 +59,23 @@ def test_a_failed_file_operation_gives_the_session_back(asyncssh_sftp: SftpServe
             pass
     assert len(used) == 1  # the same session every time: none leaked
     assert len(logins) == 1
+    pool.close()
+
+
+def test_never_more_channels_on_a_login_than_allowed(asyncssh_sftp: SftpServerInfo) -> None:
+    """ProFTPD drops the whole connection on an 11th channel: the pool opens another
+    login instead of asking one connection for more than ``max_channels``."""
+    logins: list[SftpSession] = []
+
+    def connect() -> SftpSession:
+        session = SftpSession.connect(asyncssh_sftp.options())
+        logins.append(session)
+        return session
+
+    pool = SessionPool(connect, max_channels=3)
+    with ExitStack() as stack:
+        sessions = [stack.enter_context(pool.session()) for _ in range(7)]
+        per_login = [sum(1 for s in sessions if s.same_connection(login)) for login in logins]
+    assert len(logins) == 3
+    assert sorted(per_login) == [1, 3, 3]
     pool.close()

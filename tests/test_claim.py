@@ -642,9 +642,9 @@ def test_writes_that_are_safe_to_repeat_are_retried(
 ) -> None:
     sandbox.control.seed(1)
     (lease,) = client.claim(limit=1)
-    sandbox.control.set_faults(
-        [fault(endpoint, "reset", count=1), fault(endpoint, status=502, count=1)]
-    )
+    faults = [fault(endpoint, "reset", count=1), fault(endpoint, status=502, count=1)]
+    # Bookkeeping (delta) calls are retried once only, so only one fault there.
+    sandbox.control.set_faults(faults[:1] if endpoint == "delta" else faults)
 
     if endpoint == "acknowledge":
         assert client.acknowledge(lease.invoice_token, lease.lease_token).status_changed
@@ -664,8 +664,8 @@ def test_writes_that_are_safe_to_repeat_are_retried(
         )
         client.delta_fail("erp-push", "pushed_invoices", "x")  # nothing faulted any more
 
-    # delta: begin 3 (reset, 502, ok) + complete 2 (reset, ok) + fail 1
-    expected = {"acknowledge": 3, "integration_result": 3, "delta": 6}[endpoint]
+    # delta: begin 2 (reset, ok) + complete 2 (reset, ok) + fail 1
+    expected = {"acknowledge": 3, "integration_result": 3, "delta": 5}[endpoint]
     assert counts(sandbox)[endpoint] == expected
 
 

@@ -1175,10 +1175,13 @@ def test_a_slow_request_is_retried_within_the_budget(
 def test_a_call_ends_within_its_time_budget(
     sandbox: Any, make_client: Callable[..., NuntiqClient]
 ) -> None:
-    """Fifty attempts allowed, but the budget of the call runs out long before."""
+    """Fifty attempts allowed, but the budget of the call runs out before: fifty waits of
+    at least 50 ms do not fit in 2 s."""
     (token,) = sandbox.control.seed(1)
     sandbox.control.set_faults([fault("get", status=503)])
-    policy = RetryPolicy(max_attempts=50, base_delay=0.05, max_delay=0.05, max_elapsed=0.5)
+    policy = RetryPolicy(
+        max_attempts=50, base_delay=0.1, max_delay=0.1, jitter="equal", max_elapsed=2.0
+    )
     client = make_client(retry=policy, sleep=time.sleep)
     with pytest.raises(errors.NuntiqTransientError) as caught:
         client.get_invoice(token)

@@ -706,7 +706,7 @@ class NuntiqClient:
         detail = self._redact(str(exc)) if retryable else ""
         host = self._http.base_url.host
         if isinstance(exc, httpx.TimeoutException):
-            text = f"Nuntiq {endpoint.name}: no complete answer from {host} within {limit:.3g}s"
+            text = f"Nuntiq {endpoint.name}: no complete answer from {host} within {limit:.1f}s"
         else:
             text = f"Nuntiq {endpoint.name}: no answer from {host}"
         text += f" ({kind}: {detail})" if detail else f" ({kind})"

@@ -7,8 +7,11 @@ the client's ``sleep`` is a recorder, so retry delays are asserted without waiti
 from __future__ import annotations
 
 import io
+import json
 import logging
+import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +26,7 @@ from pydantic import SecretStr
 from erp_push import errors, wire
 from erp_push.claim import NuntiqClient, RetryPolicy
 from erp_push.models import IntegrationResult
+from tests import hostile_http
 from tests.sandbox.control import SandboxControl
 from tests.sandbox.server import SandboxServer
 
@@ -642,9 +646,9 @@ def test_writes_that_are_safe_to_repeat_are_retried(
 ) -> None:
     sandbox.control.seed(1)
     (lease,) = client.claim(limit=1)
-    sandbox.control.set_faults(
-        [fault(endpoint, "reset", count=1), fault(endpoint, status=502, count=1)]
-    )
+    faults = [fault(endpoint, "reset", count=1), fault(endpoint, status=502, count=1)]
+    # Bookkeeping (delta) calls are retried once only, so only one fault there.
+    sandbox.control.set_faults(faults[:1] if endpoint == "delta" else faults)
 
     if endpoint == "acknowledge":
         assert client.acknowledge(lease.invoice_token, lease.lease_token).status_changed
@@ -664,8 +668,8 @@ def test_writes_that_are_safe_to_repeat_are_retried(
         )
         client.delta_fail("erp-push", "pushed_invoices", "x")  # nothing faulted any more
 
-    # delta: begin 3 (reset, 502, ok) + complete 2 (reset, ok) + fail 1
-    expected = {"acknowledge": 3, "integration_result": 3, "delta": 6}[endpoint]
+    # delta: begin 2 (reset, ok) + complete 2 (reset, ok) + fail 1
+    expected = {"acknowledge": 3, "integration_result": 3, "delta": 5}[endpoint]
     assert counts(sandbox)[endpoint] == expected
 
 
@@ -1036,3 +1040,379 @@ def test_every_error_status_maps_to_the_tree() -> None:
     assert wire.error_class(501, None) is errors.NuntiqServerError
     assert wire.error_class(410, None) is errors.NuntiqFatalError
     assert wire.error_class(307, None) is errors.NuntiqFatalError
+
+
+# --- answers that lie, garble, or are too large -------------------------------------------
+
+
+def test_an_answer_about_another_invoice_is_refused(sandbox: Any, client: NuntiqClient) -> None:
+    """Issue 8.3: a GET answered with another invoice's body must never pass for the one
+    asked for; it is transient, so the invoice waits for a later run."""
+    asked, other = sandbox.control.seed(2)
+    sandbox.control.set_faults([fault("get", "swap", count=1)])
+    with pytest.raises(errors.NuntiqReplyMismatch) as caught:
+        client.get_invoice(asked)
+    assert caught.value.transient
+    assert asked in str(caught.value) and other in str(caught.value)
+    assert client.get_invoice(asked).invoice.invoice_token == asked  # the fault is spent
+
+
+def test_a_result_answer_about_another_invoice_is_refused() -> None:
+    body = json.dumps(
+        {
+            "ok": True,
+            "previous_status": "PendingResult",
+            "new_status": "Processed",
+            "invoice_token": "someone-else",
+            "status_changed": True,
+        }
+    ).encode()
+    with (
+        _TinyServer(200, body) as url,
+        NuntiqClient(url, SecretStr("k"), retry=FAST) as client,
+        pytest.raises(errors.NuntiqReplyMismatch),
+    ):
+        client.report_result("mine", "lease", IntegrationResult.delivered("/a"))
+
+
+def test_an_answer_that_is_not_json_once_is_retried(sandbox: Any, client: NuntiqClient) -> None:
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", "garbled", count=1)])
+    assert client.get_invoice(token).invoice.invoice_token == token
+    assert counts(sandbox) == {"get": 2}
+
+
+def test_an_answer_that_is_never_json_is_a_protocol_error(
+    sandbox: Any, client: NuntiqClient
+) -> None:
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", "garbled")])
+    with pytest.raises(errors.NuntiqProtocolError) as caught:
+        client.get_invoice(token)
+    assert "not JSON" in str(caught.value)
+    assert (caught.value.failure_code, caught.value.attempts) == ("NUNTIQ_INVOICE_INVALID", 5)
+    assert counts(sandbox) == {"get": 5}
+
+
+def test_a_garbled_answer_seen_once_is_not_held_against_the_invoice(
+    sandbox: Any, make_client: Callable[..., NuntiqClient]
+) -> None:
+    """Garbled, then out of attempts on a 503: one garbled answer proves nothing about
+    the invoice, so the error stays transient (it waits rather than fails)."""
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", "garbled", count=1), fault("get", status=503)])
+    client = make_client(retry=RetryPolicy(max_attempts=2, base_delay=0.01))
+    with pytest.raises(errors.NuntiqTransientError):
+        client.get_invoice(token)
+    sandbox.control.set_faults([fault("get", status=503, count=1), fault("get", "garbled")])
+    with pytest.raises(errors.NuntiqTransientError) as caught:
+        client.get_invoice(token)
+    assert not isinstance(caught.value, errors.NuntiqProtocolError)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_huge_answer_is_refused_without_reading_it(chunked: bool) -> None:
+    """Weak spot (a): a 1 GiB reply took 2.2 GB of RAM. Reading stops at the cap and the
+    connection is dropped: the server could send only a little of its 300 MB."""
+    total = 300 * 1024 * 1024
+    with (
+        hostile_http.RawServer(hostile_http.flooding(total, chunked=chunked)) as server,
+        NuntiqClient(server.url, SecretStr("k"), retry=FAST, max_reply_bytes=1_000_000) as client,
+        pytest.raises(errors.NuntiqReplyTooLarge) as caught,
+    ):
+        client.get_invoice("x")
+    server.wait_finished()
+    assert caught.value.failure_code == "NUNTIQ_INVOICE_TOO_LARGE"
+    assert caught.value.attempts == 1  # the same invoice would be as large again
+    (talk,) = server.conversations
+    assert talk.hung_up
+    assert talk.sent < total // 10
+
+
+def test_an_answer_under_the_cap_is_read_whole(sandbox: Any, make_client: Any) -> None:
+    (token,) = sandbox.control.seed(1)
+    client = make_client(max_reply_bytes=100_000)
+    assert client.get_invoice(token).invoice.invoice_token == token
+
+
+# --- time: whole requests, call budgets, bookkeeping, the run's deadline -------------------
+
+
+@pytest.mark.parametrize("in_headers", [True, False], ids=["headers", "body"])
+def test_a_slow_loris_cannot_hold_a_request_past_its_timeout(in_headers: bool) -> None:
+    """Issue 8.4: a byte every 50 ms resets any per-read timeout for ever (400 bytes take
+    20 s). The request as a whole must end at its timeout: a timeout error, and the
+    connection dropped long before the server got all its bytes out."""
+    total = 400
+    policy = RetryPolicy(max_attempts=1)
+    with (
+        hostile_http.RawServer(
+            hostile_http.trickling(total, 0.05, in_headers=in_headers)
+        ) as server,
+        NuntiqClient(server.url, SecretStr("k"), timeout=0.5, retry=policy) as client,
+        pytest.raises(errors.NuntiqUnavailable) as caught,
+    ):
+        client.get_invoice("x")
+    server.wait_finished()
+    assert "within 0.5s" in str(caught.value)
+    assert "ReadTimeout" in str(caught.value)
+    (talk,) = server.conversations
+    assert talk.hung_up
+    assert talk.sent < total
+
+
+def test_a_slow_request_is_retried_within_the_budget(
+    sandbox: Any, make_client: Callable[..., NuntiqClient]
+) -> None:
+    """A request cut at its timeout is a transient failure like any other: retried."""
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", "latency", latency_ms=800, count=1)])
+    client = make_client(timeout=0.3)
+    assert client.get_invoice(token).invoice.invoice_token == token
+    assert counts(sandbox) == {"get": 2}
+
+
+def test_a_call_ends_within_its_time_budget(
+    sandbox: Any, make_client: Callable[..., NuntiqClient]
+) -> None:
+    """Fifty attempts allowed, but the budget of the call runs out before: fifty waits of
+    at least 50 ms do not fit in 2 s."""
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", status=503)])
+    policy = RetryPolicy(
+        max_attempts=50, base_delay=0.1, max_delay=0.1, jitter="equal", max_elapsed=2.0
+    )
+    client = make_client(retry=policy, sleep=time.sleep)
+    with pytest.raises(errors.NuntiqTransientError) as caught:
+        client.get_invoice(token)
+    assert "time budget" in str(caught.value)
+    assert 1 < caught.value.attempts < 50
+    assert counts(sandbox)["get"] == caught.value.attempts
+
+
+def test_the_budget_also_cuts_a_single_slow_attempt(
+    sandbox: Any, make_client: Callable[..., NuntiqClient], sleeps: Sleeps
+) -> None:
+    (token,) = sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("get", "latency", latency_ms=3000)])
+    client = make_client(timeout=30, retry=RetryPolicy(max_elapsed=0.4))
+    with pytest.raises(errors.NuntiqUnavailable) as caught:
+        client.get_invoice(token)
+    assert "within 0.4s" in str(caught.value)
+    assert (caught.value.attempts, sleeps) == (1, [])
+
+
+@pytest.mark.parametrize("call", ["delta_begin", "delta_complete", "delta_fail", "delta_get"])
+def test_bookkeeping_does_not_wait_for_a_long_retry_after(
+    sandbox: Any, client: NuntiqClient, sleeps: Sleeps, call: str
+) -> None:
+    """Issue 8.4: with 429 Retry-After: 60 on every endpoint, delta_begin alone took 240 s.
+    The run's bookkeeping gives up at once rather than wait a minute."""
+    sandbox.control.set_faults([fault("*", status=429, retry_after=60)])
+    with pytest.raises(errors.NuntiqTransientError) as caught:
+        _delta_call(client, call)
+    assert (caught.value.attempts, sleeps) == (1, [])
+    assert counts(sandbox) == {"delta": 1}
+
+
+def test_bookkeeping_retries_once_after_a_short_wait(
+    sandbox: Any, client: NuntiqClient, sleeps: Sleeps
+) -> None:
+    sandbox.control.set_faults([fault("delta", status=429, retry_after=2)])
+    with pytest.raises(errors.NuntiqTransientError) as caught:
+        client.delta_begin("erp-push", "pushed_invoices")
+    assert caught.value.attempts == 2
+    assert len(sleeps) == 1 and 2 <= sleeps[0] <= 3
+    sandbox.control.set_faults([fault("delta", status=503, count=1)])
+    client.delta_begin("erp-push", "pushed_invoices")  # the retry gets through
+
+
+def _delta_call(client: NuntiqClient, call: str) -> object:
+    connector, stream = "erp-push", "pushed_invoices"
+    if call == "delta_begin":
+        return client.delta_begin(connector, stream)
+    if call == "delta_complete":
+        return client.delta_complete(
+            connector,
+            stream,
+            new_cursor_value="2024-01-01T00:00:00Z",
+            records_processed=0,
+            metadata={},
+        )
+    if call == "delta_fail":
+        return client.delta_fail(connector, stream, "x")
+    return client.delta_get(connector, stream)
+
+
+def test_past_the_deadline_no_invoice_call_is_sent_but_bookkeeping_is(
+    sandbox: Any, make_client: Callable[..., NuntiqClient]
+) -> None:
+    sandbox.control.seed(1)
+    client = make_client(deadline=time.monotonic() - 1)
+    with pytest.raises(errors.NuntiqDeadlineReached) as caught:
+        client.claim(limit=1)
+    assert caught.value.transient and caught.value.attempts == 0
+    with pytest.raises(errors.NuntiqDeadlineReached):
+        client.get_invoice(str(uuid.uuid4()))
+    assert counts(sandbox) == {}
+    client.delta_begin("erp-push", "pushed_invoices")  # bookkeeping still goes
+    assert counts(sandbox) == {"delta": 1}
+    client.deadline = None  # the deadline is the caller's to move
+    assert len(client.claim(limit=1)) == 1
+
+
+def test_no_retry_waits_past_the_deadline(
+    sandbox: Any, make_client: Callable[..., NuntiqClient], sleeps: Sleeps
+) -> None:
+    """A retry whose wait would end after the deadline is not waited for at all."""
+    sandbox.control.seed(1)
+    sandbox.control.set_faults([fault("claim", status=503)])
+    policy = RetryPolicy(base_delay=10.0, max_delay=10.0)  # each wait at least 5 s
+    client = make_client(retry=policy, deadline=time.monotonic() + 2)
+    with pytest.raises(errors.NuntiqDeadlineReached) as caught:
+        client.claim(limit=1)
+    assert caught.value.attempts == 1
+    assert caught.value.status == 503
+    assert sleeps == []
+    assert counts(sandbox) == {"claim": 1}
+
+
+def test_the_connection_pool_is_sized_by_max_connections() -> None:
+    """Issue 7.2: the pool is sized to the lanes. Six threads, two connections: the
+    server sees two connections, kept alive and reused."""
+    tiny = _CountingServer()
+    with tiny, NuntiqClient(tiny.url, SecretStr("k"), retry=FAST, max_connections=2) as client:
+        threads = [
+            threading.Thread(target=lambda: [client.delta_get("c", "s") for _ in range(3)])
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert tiny.requests == 18
+    assert tiny.connections == 2
+
+
+class _CountingServer:
+    """Keep-alive HTTP server answering every request with an empty delta state after a
+    short pause; counts connections and requests."""
+
+    def __init__(self) -> None:
+        self.connections = self.requests = 0
+        lock = threading.Lock()
+        counter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    counter.connections += 1
+
+            def do_GET(self) -> None:
+                with lock:
+                    counter.requests += 1
+                time.sleep(0.05)  # long enough for the threads to overlap
+                body = b"{}"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/api"
+
+    def __enter__(self) -> _CountingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_proxy_named_by_the_environment_is_still_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our bounded transport replaces the one httpx would build; HTTP_PROXY must still
+    be honoured as httpx would (and NO_PROXY too)."""
+
+    def proxy(conn: socket.socket, request: Any, talk: Any) -> None:
+        talk.send(conn, hostile_http.response_head(200, headers={"Content-Length": "2"}) + b"{}")
+
+    with hostile_http.RawServer(proxy) as server:
+        monkeypatch.setenv("HTTP_PROXY", server.url.removesuffix("/api"))
+        with NuntiqClient("http://127.0.0.1:9/api", SecretStr("k"), retry=FAST) as client:
+            client.delta_get("c", "s")
+        (talk,) = server.conversations
+        assert talk.request is not None
+        assert talk.request.target == "http://127.0.0.1:9/api/v1/delta/streams/c/s"
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with (
+            NuntiqClient("http://127.0.0.1:9/api", SecretStr("k"), retry=FAST) as client,
+            pytest.raises(errors.NuntiqUnavailable, match="ConnectError"),
+        ):
+            client.delta_get("c", "s")
+        assert len(server.conversations) == 1
+
+
+# --- the key echoed back by a server -------------------------------------------------------
+
+ECHOED = "sk_ECHOED_KEY_5a1d"
+
+
+def _echoing(status: int) -> hostile_http.Handler:
+    """Answers ``status`` with the key in the reason phrase, a header and the body (there
+    also JSON-escaped, which decoding turns back into the key)."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in ECHOED)
+
+    def handle(conn: socket.socket, request: Any, talk: Any) -> None:
+        body = f'{{"error": "{ECHOED}", "message": "bad key {escaped}"}}'.encode()
+        head = hostile_http.response_head(
+            status,
+            f"bad key {ECHOED}",
+            {
+                "X-Echo": ECHOED,
+                "Content-Type": "application/json",
+                "Retry-After": "0",
+                "Content-Length": str(len(body)),
+            },  # fmt: skip
+        )
+        talk.send(conn, head + body)
+
+    return handle
+
+
+@pytest.mark.parametrize("status", [401, 503, 404])
+def test_a_key_echoed_in_reason_header_or_body_is_cut_everywhere(
+    status: int, caplog: pytest.LogCaptureFixture, sleeps: Sleeps
+) -> None:
+    """Issue 8.5: reason phrase, headers (logged by httpcore at DEBUG) and body."""
+    caplog.set_level(logging.DEBUG)
+    with (
+        hostile_http.RawServer(_echoing(status)) as server,
+        NuntiqClient(server.url, SecretStr(ECHOED), retry=FAST, sleep=sleeps) as client,
+        pytest.raises(errors.NuntiqError) as caught,
+    ):
+        client.get_invoice("x")
+    seen = [str(caught.value), repr(caught.value), str(caught.value.code), caplog.text]
+    seen += ["".join(traceback.format_exception(caught.value))]
+    seen += [str(r.__dict__) for r in caplog.records]
+    assert "bad key ***" in str(caught.value)
+    assert "X-Echo" in caplog.text  # httpcore did log the headers
+    if status == 503:
+        assert "attempt 1/5 failed" in caplog.text
+    for text in seen:
+        assert ECHOED not in text

@@ -6,10 +6,21 @@ leaves here as an ``errors.NuntiqError`` subclass carrying the HTTP status, the 
 ``error`` code and message, and never the API key.
 
 Retries: capped exponential backoff with jitter on 429 (honouring ``Retry-After``), 502,
-503, 504 and lost connections (refused, reset, timed out, closed without an answer), and
-only for calls the contract makes safe to repeat (``wire.Endpoint.retry_safe``; today all
-of them, each for a reason given in ``wire.py``). Other 4xx are never retried; 500 is not
-retried either (see ``errors.NuntiqServerError``).
+503, 504, lost connections (refused, reset, timed out, closed without an answer) and
+success answers that are not JSON at all (a proxy's hiccup more often than a bad invoice),
+and only for calls the contract makes safe to repeat (``wire.Endpoint.retry_safe``; today
+all of them, each for a reason given in ``wire.py``). Other 4xx are never retried; 500 is
+not retried either (see ``errors.NuntiqServerError``).
+
+Time: ``timeout`` bounds each request as a whole (connect, send, and every read up to the
+last byte), so a server that trickles its answer cannot hold a request longer; see
+``_DeadlineBackend``. Each call has a time budget for all its attempts and waits
+(``RetryPolicy.max_elapsed``); the delta-stream bookkeeping a short one. Past the client's
+``deadline`` (the run's), no invoice call starts or retries.
+
+Size: a success answer is read only up to ``max_reply_bytes``, so a huge reply costs
+bounded memory. Secrets: the key is cut out of everything a server sends back (reason
+phrase, body, headers in httpx's and httpcore's debug logs) before it reaches any output.
 """
 
 from __future__ import annotations
@@ -17,13 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
+import threading
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any, BinaryIO, Literal, TypeVar
+from urllib.parse import quote, urlsplit
 
+import httpcore
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
@@ -45,7 +62,20 @@ M = TypeVar("M", bound=BaseModel)
 
 CHUNK_SIZE = 64 * 1024
 ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short JSON)
+DEFAULT_MAX_REPLY_BYTES = 20_000_000  # settings.Config.max_invoice_bytes has the same default
+DEFAULT_MAX_CONNECTIONS = 10
 REDACTED = "***"
+# The loggers httpx and httpcore narrate requests on (at DEBUG, with reason phrases and
+# response headers, which a hostile server can fill with whatever it was sent).
+HTTP_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,10 @@ class RetryPolicy:
     hit by the same outage do not come back in lock step. A 429/503 ``Retry-After`` is a
     floor for that wait; when the server asks for more than ``max_retry_after`` seconds
     the call gives up instead of retrying early against the server's wish.
+
+    A call ends within ``max_elapsed`` seconds of its start, whatever the server does: no
+    retry starts whose wait would end later, and an attempt still running then is cut off
+    (a timeout).
     """
 
     max_attempts: int = 5
@@ -64,12 +98,15 @@ class RetryPolicy:
     max_delay: float = 10.0
     max_retry_after: float = 60.0
     jitter: Literal["equal", "full", "none"] = "equal"
+    max_elapsed: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if min(self.base_delay, self.max_delay, self.max_retry_after) < 0:
             raise ValueError("delays must not be negative")
+        if self.max_elapsed <= 0:
+            raise ValueError("max_elapsed must be positive")
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """The wait before retry number ``retry`` (1 = the second attempt)."""
@@ -92,6 +129,13 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+# The delta stream only records runs: a run must not wait minutes for it (with 429
+# Retry-After: 60 everywhere, five patient attempts took four minutes). One retry after a
+# short wait, all within ten seconds, and a server asking for more is not waited for.
+BOOKKEEPING_RETRY = RetryPolicy(
+    max_attempts=2, base_delay=0.5, max_delay=2.0, max_retry_after=3.0, max_elapsed=10.0
+)
+
 
 class _ApiKeyAuth(httpx.Auth):
     """Adds the API key header to each request as it is sent.
@@ -112,13 +156,161 @@ class _ApiKeyAuth(httpx.Auth):
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way a later attempt may not: carries what to report."""
+    """One attempt failed in a way a later attempt may not: carries what to report.
 
-    def __init__(self, error: errors.NuntiqError, reason: str, retry_after: float | None) -> None:
+    ``garbled``: the answer was a success but not JSON; ``error`` is then the protocol
+    error it becomes if every later attempt is garbled too.
+    """
+
+    def __init__(
+        self,
+        error: errors.NuntiqError,
+        reason: str,
+        retry_after: float | None,
+        *,
+        garbled: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.error = error
         self.reason = reason
         self.retry_after = retry_after
+        self.garbled = garbled
+
+
+# --- a bound on each request as a whole -----------------------------------------------
+#
+# httpx's timeouts bound each socket operation, so a server sending a byte every few
+# seconds keeps a request alive forever. httpcore, under httpx, does every socket
+# operation of a request through a "network backend" on the thread that sends the
+# request; ours caps the timeout of each one to what is left until that request's
+# deadline. No read then waits past the deadline, so nothing needs waking: the request
+# fails with a timeout on time, and httpcore closes the connection.
+
+
+class _RequestDeadline(threading.local):
+    """The deadline (a ``time.monotonic`` value) of the request this thread is sending."""
+
+    at: float | None = None
+
+
+_REQUEST_DEADLINE = _RequestDeadline()
+
+
+@contextmanager
+def _deadline(at: float) -> Iterator[None]:
+    previous = _REQUEST_DEADLINE.at
+    _REQUEST_DEADLINE.at = at
+    try:
+        yield
+    finally:
+        _REQUEST_DEADLINE.at = previous
+
+
+def _capped(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """``timeout`` shortened to what is left of the current request's time."""
+    at = _REQUEST_DEADLINE.at
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise expired("the request ran out of time")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _capped(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _bounded_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTransport:
+    """httpx's own transport (with the proxy the environment names, as httpx would pick
+    it), its sockets behind ``_DeadlineBackend``."""
+    transport = httpx.HTTPTransport(limits=limits, proxy=_environment_proxy(base_url))
+    # httpx passes no network backend through to httpcore; its pool is where httpcore
+    # keeps one. If a later httpx moves it, this fails loudly rather than run unbounded.
+    pool = transport._pool
+    pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return transport
+
+
+def _environment_proxy(base_url: str) -> str | None:
+    """The proxy httpx itself would take for this URL (HTTPS_PROXY / HTTP_PROXY /
+    ALL_PROXY, or the system's), unless NO_PROXY exempts its host: our transport replaces
+    the one httpx would have built, and must not lose that."""
+    parts = urlsplit(base_url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+class _KeyRedactor(logging.Filter):
+    """Cuts the API key out of httpx's and httpcore's log lines (reason phrases and
+    response headers are the server's text, which may echo the key)."""
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self._redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 class NuntiqClient:
@@ -135,13 +327,28 @@ class NuntiqClient:
         api_key: SecretStr,
         *,
         timeout: float = 30.0,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: RetryPolicy | None = None,
+        bookkeeping_retry: RetryPolicy = BOOKKEEPING_RETRY,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        deadline: float | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """Raises ``errors.SettingsError`` for a base URL that is not https (or loopback
-        http) or an empty key. ``timeout`` bounds each phase (connect, read, write, pool)
-        of every request; ``sleep`` is how retries wait (tests pass a recorder)."""
+        http) or an empty key.
+
+        ``timeout`` bounds each request as a whole, from connect to its last byte.
+        ``retry`` paces the invoice calls (default: ``DEFAULT_RETRY`` with a time budget
+        of at least twice ``timeout``), ``bookkeeping_retry`` the delta-stream calls.
+        ``max_connections`` sizes the connection pool (one per thread sending at once).
+        ``max_reply_bytes`` is the largest success answer read (an invoice is the largest).
+        ``deadline`` (a ``time.monotonic`` value, also settable later as ``.deadline``):
+        after it no invoice call starts and none is retried (``NuntiqDeadlineReached``);
+        bookkeeping calls still go, within their own short budget. ``transport`` replaces
+        the HTTP transport (then only httpx's per-operation timeouts apply); ``sleep`` is
+        how retries wait (tests pass a recorder).
+        """
         problems = []
         if problem := wire.base_url_problem(base_url):
             problems.append(problem)
@@ -149,11 +356,20 @@ class NuntiqClient:
             problems.append("the Nuntiq API key is empty")
         if problems:
             raise errors.SettingsError(problems)
+        if max_connections < 1 or max_reply_bytes < 1 or timeout <= 0:
+            raise ValueError("max_connections, max_reply_bytes and timeout must be positive")
         self._api_key = api_key
-        self._retry = retry
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy(max_elapsed=max(DEFAULT_RETRY.max_elapsed, 2 * timeout))
+        self._bookkeeping_retry = bookkeeping_retry
+        self._max_reply_bytes = max_reply_bytes
+        self.deadline = deadline
         self._sleep = sleep
         self._rng = random.Random()
         self.base_url = base_url.rstrip("/")
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http = httpx.Client(
             base_url=self.base_url,
             auth=_ApiKeyAuth(api_key),
@@ -161,14 +377,19 @@ class NuntiqClient:
             # A redirect would carry X-API-Key to wherever it points; Nuntiq documents none.
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
-            transport=transport,
+            transport=transport or _bounded_transport(self.base_url, limits),
         )
+        self._log_filter = _KeyRedactor(self._redact)
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
 
     def __repr__(self) -> str:
         return f"NuntiqClient(base_url={self.base_url!r})"
 
     def close(self) -> None:
         self._http.close()
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).removeFilter(self._log_filter)
 
     def __enter__(self) -> NuntiqClient:
         return self
@@ -210,9 +431,18 @@ class NuntiqClient:
         return leases.leases
 
     def get_invoice(self, invoice_token: str) -> InvoiceDetail:
-        """The invoice with its email, in any status. A read: retried, safe to repeat."""
+        """The invoice with its email, in any status. A read: retried, safe to repeat.
+
+        An answer about another invoice raises ``errors.NuntiqReplyMismatch`` (transient:
+        the invoice waits for a later run); one larger than ``max_reply_bytes``
+        ``errors.NuntiqReplyTooLarge``; one that does not fit the contract, or is not JSON
+        on two attempts, ``errors.NuntiqProtocolError``.
+        """
         path = wire.path_for(wire.GET_INVOICE, invoice_token=invoice_token)
-        return _parse(wire.GET_INVOICE, InvoiceDetail, self._call_json(wire.GET_INVOICE, path))
+        data = self._call_json(wire.GET_INVOICE, path)
+        detail = _parse(wire.GET_INVOICE, InvoiceDetail, data)
+        self._check_about(wire.GET_INVOICE, invoice_token, detail.invoice.invoice_token)
+        return detail
 
     def acknowledge(self, invoice_token: str, lease_token: str) -> AcknowledgeResponse:
         """Mark the invoice received (92 → 93) under ``lease_token``.
@@ -239,7 +469,18 @@ class NuntiqClient:
         path = wire.path_for(wire.INTEGRATION_RESULT, invoice_token=invoice_token)
         body = wire.integration_result_body(lease_token, result)
         data = self._call_json(wire.INTEGRATION_RESULT, path, body)
-        return _parse(wire.INTEGRATION_RESULT, IntegrationResultResponse, data)
+        answer = _parse(wire.INTEGRATION_RESULT, IntegrationResultResponse, data)
+        # An answer about another invoice cannot confirm ours: report it again later.
+        self._check_about(wire.INTEGRATION_RESULT, invoice_token, answer.invoice_token)
+        return answer
+
+    def _check_about(self, endpoint: wire.Endpoint, asked: str, answered: str) -> None:
+        if answered != asked:
+            other = self._redact(wire.truncate_text(answered, 80))
+            raise errors.NuntiqReplyMismatch(
+                f"Nuntiq {endpoint.name}: asked about invoice {asked}, the answer is about "
+                f"{other!r}; not used"
+            )
 
     # --- attachments ------------------------------------------------------------------
 
@@ -254,20 +495,17 @@ class NuntiqClient:
         path = wire.path_for(endpoint, attachment_token=attachment_token)
         start = _position(dest)
 
-        def attempt() -> int:
+        def attempt(deadline: float) -> int:
             written = 0
             try:
-                with self._http.stream(endpoint.method, path) as response:
-                    if not response.is_success:
-                        raise self._http_failure(endpoint, response, _read_capped(response))
+                with self._exchange(endpoint, path, None, deadline) as response:
                     for chunk in response.iter_bytes(CHUNK_SIZE):
                         dest.write(chunk)
                         written += len(chunk)
-            except httpx.TransportError as exc:
-                failure = self._transport_failure(endpoint, exc)
-                if isinstance(failure, _Retryable) and written and not _rewind(dest, start):
+            except _Retryable as failure:
+                if written and not _rewind(dest, start):
                     raise failure.error from None  # cannot undo a partial write: no retry
-                raise failure from None  # httpx's own text may quote what it refused
+                raise
             return written
 
         return self._with_retries(endpoint, attempt)
@@ -321,48 +559,115 @@ class NuntiqClient:
     ) -> Any:
         """Send the request (retrying per policy) and return the decoded JSON answer."""
 
-        def attempt() -> bytes:
+        def attempt(deadline: float) -> Any:
+            with self._exchange(endpoint, path, body, deadline) as response:
+                content = self._read_reply(endpoint, response)
             try:
-                response = self._http.request(endpoint.method, path, json=body)
-            except httpx.TransportError as exc:
-                # Not chained: httpx's exception text may quote a header it refused (the
-                # key) and tracebacks print causes; our message has the kind and details.
-                raise self._transport_failure(endpoint, exc) from None
-            if not response.is_success:
-                raise self._http_failure(endpoint, response, response.content)
-            return response.content
+                return json.loads(content)
+            except ValueError:
+                error = errors.NuntiqProtocolError(
+                    f"Nuntiq {endpoint.name}: the answer is not JSON"
+                )
+                raise _Retryable(error, "the answer is not JSON", None, garbled=True) from None
 
-        content = self._with_retries(endpoint, attempt)
+        return self._with_retries(endpoint, attempt)
+
+    @contextmanager
+    def _exchange(
+        self,
+        endpoint: wire.Endpoint,
+        path: str,
+        body: dict[str, Any] | None,
+        deadline: float,
+    ) -> Iterator[httpx.Response]:
+        """One attempt, over by ``deadline``: the response (streamed) when it is a
+        success; otherwise its error, wrapped in ``_Retryable`` when worth retrying."""
+        limit = max(deadline - time.monotonic(), 0.001)
         try:
-            return json.loads(content)
-        except ValueError:
-            raise errors.NuntiqProtocolError(
-                f"Nuntiq {endpoint.name}: the answer is not JSON"
-            ) from None
+            with (
+                _deadline(deadline),
+                self._http.stream(
+                    endpoint.method, path, json=body, timeout=httpx.Timeout(limit)
+                ) as response,
+            ):
+                if not response.is_success:
+                    raise self._http_failure(endpoint, response, _read_capped(response))
+                yield response
+        except httpx.TransportError as exc:
+            # Not chained: httpx's exception text may quote a header it refused (the
+            # key) and tracebacks print causes; our message has the kind and details.
+            raise self._transport_failure(endpoint, exc, limit) from None
 
-    def _with_retries(self, endpoint: wire.Endpoint, attempt: Callable[[], T]) -> T:
-        policy = self._retry
+    def _read_reply(self, endpoint: wire.Endpoint, response: httpx.Response) -> bytes:
+        """The whole body, unless it is larger than ``max_reply_bytes``: then reading
+        stops (and the connection is dropped), so memory stays bounded."""
+        cap = self._max_reply_bytes
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and int(announced) > cap:
+            raise self._too_large(endpoint, f"announced as {int(announced):,} bytes")
+        data = bytearray()
+        for chunk in response.iter_bytes(CHUNK_SIZE):
+            data += chunk
+            if len(data) > cap:
+                raise self._too_large(endpoint, f"more than {cap:,} bytes")
+        return bytes(data)
+
+    def _too_large(self, endpoint: wire.Endpoint, size: str) -> errors.NuntiqReplyTooLarge:
+        return errors.NuntiqReplyTooLarge(
+            f"Nuntiq {endpoint.name}: the answer is too large ({size}; at most "
+            f"{self._max_reply_bytes:,} are read)"
+        )
+
+    def _with_retries(self, endpoint: wire.Endpoint, attempt: Callable[[float], T]) -> T:
+        """Run ``attempt(deadline)`` until it returns, fails for good, or time runs out."""
+        if endpoint.bookkeeping:
+            # The run's own records: still sent after the run's deadline (so that its
+            # end is recorded), but never for long.
+            policy, run_deadline = self._bookkeeping_retry, None
+        else:
+            policy, run_deadline = self._retry, self.deadline
+        started = time.monotonic()
+        if run_deadline is not None and started >= run_deadline:
+            refused = errors.NuntiqDeadlineReached(
+                f"Nuntiq {endpoint.name}: not sent, the run's time limit is reached"
+            )
+            refused.attempts = 0
+            raise refused
+        call_end = started + policy.max_elapsed
+        garbled = 0
         for number in range(1, policy.max_attempts + 1):
             try:
-                return attempt()
+                return attempt(min(time.monotonic() + self._timeout, call_end))
             except errors.NuntiqError as final:
                 final.attempts = number  # a final answer, possibly after earlier retries
                 raise
             except _Retryable as failure:
                 error = failure.error
                 error.attempts = number
+                garbled += failure.garbled
                 if not endpoint.retry_safe:
                     raise error from failure.__cause__
                 if number == policy.max_attempts:
-                    raise _gave_up(error, f"gave up after {number} attempts") from failure.__cause__
+                    why = f"gave up after {number} attempts"
+                    raise _gave_up(error, why, garbled) from failure.__cause__
                 delay = policy.delay(number, failure.retry_after, self._rng)
                 if delay is None:
-                    raise _gave_up(
-                        error,
+                    why = (
                         f"the server asks to retry after {failure.retry_after:.0f}s, longer "
                         f"than the {policy.max_retry_after:.0f}s erp-push waits; "
-                        f"{number} attempt(s) made",
-                    ) from failure.__cause__
+                        f"{number} attempt(s) made"
+                    )
+                    raise _gave_up(error, why, garbled) from failure.__cause__
+                # Waiting only to give up afterwards helps nobody: stop now instead.
+                resume = time.monotonic() + delay
+                if run_deadline is not None and resume >= run_deadline:
+                    raise _deadline_reached(error, number) from failure.__cause__
+                if resume >= call_end:
+                    why = (
+                        f"its {policy.max_elapsed:.0f}s time budget would be spent before a "
+                        f"retry; {number} attempt(s) made"
+                    )
+                    raise _gave_up(error, why, garbled) from failure.__cause__
                 log.warning(
                     "Nuntiq %s: attempt %d/%d failed (%s); retrying in %.2fs",
                     endpoint.name,
@@ -379,21 +684,18 @@ class NuntiqClient:
     def _http_failure(
         self, endpoint: wire.Endpoint, response: httpx.Response, body: bytes
     ) -> _Retryable | errors.NuntiqError:
-        """The error for a non-2xx answer; wrapped in ``_Retryable`` when worth retrying."""
-        error = wire.http_error(
-            endpoint,
-            response.status_code,
-            self._redact_bytes(body),
-            reason=response.reason_phrase,
-        )
+        """The error for a non-2xx answer; wrapped in ``_Retryable`` when worth retrying.
+        The server's text (reason phrase, code, message) arrives with the key cut out."""
+        reason = self._redact(response.reason_phrase)
+        error = self._scrubbed(wire.http_error(endpoint, response.status_code, body, reason=reason))
         if response.status_code not in wire.RETRYABLE_STATUSES:
             return error
         retry_after = wire.retry_after_seconds(response.headers.get(wire.RETRY_AFTER_HEADER))
-        reason = wire.describe_status(response.status_code, error.code, response.reason_phrase)
-        return _Retryable(error, reason, retry_after)
+        described = wire.describe_status(response.status_code, error.code, reason)
+        return _Retryable(error, described, retry_after)
 
     def _transport_failure(
-        self, endpoint: wire.Endpoint, exc: httpx.TransportError
+        self, endpoint: wire.Endpoint, exc: httpx.TransportError, limit: float
     ) -> _Retryable | errors.NuntiqError:
         """The error for a request that got no (complete) answer; wrapped in ``_Retryable``
         for lost connections and timeouts."""
@@ -403,8 +705,11 @@ class NuntiqClient:
         # which may be the key in an escaped form: only the kind is kept then.
         detail = self._redact(str(exc)) if retryable else ""
         host = self._http.base_url.host
-        text = f"Nuntiq {endpoint.name}: no answer from {host} ({kind}"
-        text += f": {detail})" if detail else ")"
+        if isinstance(exc, httpx.TimeoutException):
+            text = f"Nuntiq {endpoint.name}: no complete answer from {host} within {limit:.1f}s"
+        else:
+            text = f"Nuntiq {endpoint.name}: no answer from {host}"
+        text += f" ({kind}: {detail})" if detail else f" ({kind})"
         error = errors.NuntiqUnavailable(text)
         if not retryable:
             return error  # e.g. a protocol error on our side: repeating cannot help
@@ -412,15 +717,20 @@ class NuntiqClient:
 
     def _redact(self, text: str) -> str:
         # Defence in depth: a server or library echoing the key must not spread it, as is
-        # or in the escaped form of a repr.
+        # or in the escaped form of a repr or a URL.
         key = self._api_key.get_secret_value()
-        for form in {key, repr(key)[1:-1], repr(key.encode())[2:-1]}:
+        for form in {key, repr(key)[1:-1], repr(key.encode())[2:-1], quote(key, safe="")}:
             if form:
                 text = text.replace(form, REDACTED)
         return text
 
-    def _redact_bytes(self, data: bytes) -> bytes:
-        return data.replace(self._api_key.get_secret_value().encode(), REDACTED.encode())
+    def _scrubbed(self, error: errors.NuntiqError) -> errors.NuntiqError:
+        """``error`` with the key cut out of its message and code (both the server's text)."""
+        message = self._redact(error.message)
+        code = None if error.code is None else self._redact(error.code)
+        if (message, code) == (error.message, error.code):
+            return error
+        return type(error)(message, status=error.status, code=code)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -431,13 +741,29 @@ def _is_retryable_transport(exc: httpx.TransportError) -> bool:
     return isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError)
 
 
-def _gave_up(error: errors.NuntiqError, why: str) -> errors.NuntiqError:
-    """The same error, same class and fields, with why retrying stopped in its message."""
-    final = type(error)(
-        f"{error.message} ({why})", status=error.status, code=error.code, hint=error.hint
-    )
+def _gave_up(error: errors.NuntiqError, why: str, garbled: int = 0) -> errors.NuntiqError:
+    """The same error, same class and fields, with why retrying stopped in its message.
+
+    A success answer that was not JSON only once (``garbled`` < 2) is not held against
+    the invoice: it stays transient, so the invoice waits for a later run.
+    """
+    kind: type[errors.NuntiqError] = type(error)
+    if isinstance(error, errors.NuntiqProtocolError) and garbled < 2:
+        kind = errors.NuntiqTransientError
+    final = kind(f"{error.message} ({why})", status=error.status, code=error.code, hint=error.hint)
     final.attempts = error.attempts
     return final
+
+
+def _deadline_reached(error: errors.NuntiqError, attempts: int) -> errors.NuntiqDeadlineReached:
+    reached = errors.NuntiqDeadlineReached(
+        f"{error.message} (not retried: the run's time limit comes first; "
+        f"{attempts} attempt(s) made)",
+        status=error.status,
+        code=error.code,
+    )
+    reached.attempts = attempts
+    return reached
 
 
 def _envelope(endpoint: wire.Endpoint, data: Any) -> Any:

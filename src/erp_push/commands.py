@@ -33,7 +33,10 @@ def nuntiq_client(settings: Settings) -> NuntiqClient:
     cfg, secrets = settings.config, settings.secrets
     assert cfg.nuntiq_base_url is not None and secrets.nuntiq_api_key is not None
     return NuntiqClient(
-        str(cfg.nuntiq_base_url), secrets.nuntiq_api_key, timeout=cfg.nuntiq_timeout_seconds
+        str(cfg.nuntiq_base_url),
+        secrets.nuntiq_api_key,
+        timeout=cfg.nuntiq_timeout_seconds,
+        max_reply_bytes=cfg.max_invoice_bytes,
     )
 
 

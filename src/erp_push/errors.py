@@ -111,6 +111,22 @@ class NuntiqServerError(NuntiqTransientError):
     hint = "Nuntiq reported an internal error; the next run will try again."
 
 
+class NuntiqReplyMismatch(NuntiqTransientError):
+    """A success answer about another invoice than the one asked for (a confused proxy or
+    cache, or a server bug). Nothing in it is used: publishing it under the requested
+    invoice would report that invoice Processed while its own data never arrived. The
+    invoice stays pending for a later run."""
+
+    hint = "Nuntiq (or a proxy in between) answered about another invoice; the next run asks again."
+
+
+class NuntiqDeadlineReached(NuntiqTransientError):
+    """The run's time limit came before this call could be sent, or retried. Nothing was
+    decided: the invoice stays pending and a later run carries on."""
+
+    hint = "The run reached its time limit; the next run picks up where this one stopped."
+
+
 class NuntiqFatalError(NuntiqError):
     """Will not fix itself by retrying: any 4xx other than 429, or a malformed response."""
 
@@ -142,7 +158,18 @@ class InvalidTransition(NuntiqConflict):
 
 
 class NuntiqProtocolError(NuntiqFatalError):
-    """A 2xx response whose body does not match the contract."""
+    """A 2xx response whose body does not match the contract (after retries, for one that
+    is not JSON at all). For an invoice, ``failure_code`` is what it fails with, alone."""
+
+    failure_code = "NUNTIQ_INVOICE_INVALID"
+
+
+class NuntiqReplyTooLarge(NuntiqProtocolError):
+    """A 2xx response larger than the client reads (``max_reply_bytes``): reading stopped
+    there, so memory stays bounded. An invoice that large fails alone."""
+
+    failure_code = "NUNTIQ_INVOICE_TOO_LARGE"
+    hint = "Raise config.max_invoice_bytes if invoices that large are expected."
 
 
 class NuntiqRequestInvalid(NuntiqValidationError):

@@ -330,8 +330,8 @@ class InvoiceWorker:
         # way: it fails alone, with a code, rather than wait in the queue forever.
         try:
             detail = self.nuntiq.get_invoice(token)
-        except NuntiqProtocolError as exc:
-            return self._fail_alone(token, "NUNTIQ_INVOICE_INVALID", str(exc))
+        except NuntiqProtocolError as exc:  # also NuntiqReplyTooLarge, with its own code
+            return self._fail_alone(token, exc.failure_code, str(exc))
         crash_point("fetched")
         try:
             file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)

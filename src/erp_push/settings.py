@@ -118,7 +118,18 @@ class Config(BaseModel):
         "https is required except for loopback hosts.",
     )
     nuntiq_timeout_seconds: float = Field(
-        default=30.0, gt=0, le=600, description="Timeout of each Nuntiq HTTP request."
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Timeout of each Nuntiq HTTP request as a whole, from connecting to "
+        "its last byte.",
+    )
+    max_invoice_bytes: int = Field(
+        default=20_000_000,
+        ge=100_000,
+        le=2_000_000_000,
+        description="Largest invoice answer read from Nuntiq, in bytes; a larger one fails "
+        "that invoice alone (NUNTIQ_INVOICE_TOO_LARGE).",
     )
     batch_size: int = Field(default=20, ge=1, le=50, description="Invoices claimed per run.")
     lease_ttl_seconds: int = Field(

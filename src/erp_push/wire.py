@@ -75,13 +75,17 @@ class Endpoint:
 
     ``name`` appears in log lines and error messages. ``retry_safe`` says whether the call
     may be sent again after a 429/502/503/504 or a lost response: true only when repeating
-    it cannot do anything the first attempt would not have done.
+    it cannot do anything the first attempt would not have done. ``bookkeeping`` marks the
+    run's own records (delta streams): no invoice depends on them, so the client gives
+    them a short time budget, and still sends them after the run's deadline so that the
+    run's end is recorded.
     """
 
     name: str
     method: str
     path: str  # template; placeholders are filled by ``path_for`` (URL-quoted)
     retry_safe: bool
+    bookkeeping: bool = False
 
 
 # Every call the client makes is safe to repeat, each for its own reason.
@@ -111,12 +115,22 @@ INTEGRATION_RESULT = Endpoint(
 ATTACHMENT = Endpoint("attachment", "GET", "/v1/attachment/{attachment_token}", retry_safe=True)
 
 # [doc] A read.
-DELTA_GET = Endpoint("delta_get", "GET", "/v1/delta/streams/{connector}/{stream}", retry_safe=True)
+DELTA_GET = Endpoint(
+    "delta_get",
+    "GET",
+    "/v1/delta/streams/{connector}/{stream}",
+    retry_safe=True,
+    bookkeeping=True,
+)
 
 # [doc] Overwrites the run-state fields and never refuses a running stream, so a repeat
 # only moves started_at_utc a little later.
 DELTA_BEGIN = Endpoint(
-    "delta_begin", "POST", "/v1/delta/streams/{connector}/{stream}/begin", retry_safe=True
+    "delta_begin",
+    "POST",
+    "/v1/delta/streams/{connector}/{stream}/begin",
+    retry_safe=True,
+    bookkeeping=True,
 )
 
 # [doc] Advances the cursor only if monotonic; for `timestamp_utc` (the only cursor type
@@ -124,12 +138,20 @@ DELTA_BEGIN = Endpoint(
 # no-op advance. (With `opaque_token` a repeat could be refused as CURSOR_REGRESSION; that
 # 422 is not retried and surfaces as an error.)
 DELTA_COMPLETE = Endpoint(
-    "delta_complete", "POST", "/v1/delta/streams/{connector}/{stream}/complete", retry_safe=True
+    "delta_complete",
+    "POST",
+    "/v1/delta/streams/{connector}/{stream}/complete",
+    retry_safe=True,
+    bookkeeping=True,
 )
 
 # [doc] Sets `failed` + error_summary, cursor unchanged: a repeat writes the same.
 DELTA_FAIL = Endpoint(
-    "delta_fail", "POST", "/v1/delta/streams/{connector}/{stream}/fail", retry_safe=True
+    "delta_fail",
+    "POST",
+    "/v1/delta/streams/{connector}/{stream}/fail",
+    retry_safe=True,
+    bookkeeping=True,
 )
 
 

@@ -32,7 +32,10 @@ from tests.sandbox.store import ApiError, AttachmentFile, Store, validation_erro
 BASE_PATH = "/api"
 CHUNK = 64 * 1024
 FAULT_ENDPOINTS = ("claim", "get", "acknowledge", "integration_result", "attachment", "delta")
-FAULT_KINDS = ("status", "latency", "reset")
+# "garbled": the request is served, but its answer is replaced by a 200 that is not JSON
+# (a proxy's error page). "swap" (get only): the answer is another invoice's.
+FAULT_KINDS = ("status", "latency", "reset", "garbled", "swap")
+GARBLED_BODY = b"<html><body>502 Bad Gateway (upstream hiccup)</body></html>"
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 
 # The machine code an injected status fault carries in its error body.
@@ -101,6 +104,8 @@ class FaultRule:
                 setattr(rule, name, value)
         if kind == "status" and not 400 <= rule.status <= 599:
             raise validation_error("fault status must be 400..599")
+        if kind == "swap" and endpoint != "get":
+            raise validation_error("a swap fault applies to the get endpoint only")
         probability = raw.get("probability", 1.0)
         if (
             not isinstance(probability, int | float)
@@ -245,6 +250,13 @@ class SandboxApp:
     def integration_result(self, r: Request) -> Any:
         return self.store.integration_result(r.params["token"], r.body, debug=r.flag("debug"))
 
+    def another_invoice(self, token: str) -> Any:
+        """The get answer of some invoice other than ``token`` (the ``swap`` fault)."""
+        for row in self.store.list_invoices():
+            if row["invoice_token"] != token:
+                return self.store.get_invoice(row["invoice_token"], include_null=False)
+        raise ApiError(500, "INTERNAL_ERROR", "swap fault: there is no other invoice")
+
     def attachment(self, r: Request) -> Any:
         token = r.params["token"]
         if not UUID_RE.match(token):
@@ -357,11 +369,12 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        reply_fault = None
         try:
             route, params = app.match(method, url.path)
             if route.endpoint != "sandbox":
                 app.count(route.endpoint)
-                self._apply_faults(route.endpoint)
+                reply_fault = self._apply_faults(route.endpoint)
             app.check_auth(method, self.headers.get("X-API-Key"))
             body: dict[str, Any] = {}
             if method != "GET" and raw.strip():
@@ -372,6 +385,8 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
                 if not isinstance(body, dict):
                     raise validation_error("request body must be a JSON object")
             result = route.handler(Request(method, url.path, query, params, body))
+            if reply_fault == "swap":
+                result = app.another_invoice(params["token"])
         except _Reset:
             self._drop_connection()
             return
@@ -382,7 +397,9 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             self.log_error("internal error: %r", e)
             self._send_json(500, {"error": "INTERNAL_ERROR", "message": repr(e)})
             return
-        if isinstance(result, AttachmentFile):
+        if reply_fault == "garbled":
+            self._send_garbled()
+        elif isinstance(result, AttachmentFile):
             self._send_file(result, inline=self._flag(query, "inline"))
         else:
             self._send_json(200, result)
@@ -391,12 +408,16 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
     def _flag(query: dict[str, str], name: str) -> bool:
         return query.get(name, "").lower() in ("1", "true", "yes")
 
-    def _apply_faults(self, endpoint: str) -> None:
+    def _apply_faults(self, endpoint: str) -> str | None:
+        """Delay, drop or refuse the request as the rules say; returns the kind of a
+        fault that alters the answer instead ("garbled", "swap"), if one fired."""
         for rule in self.server.app.faults.hits(endpoint):
             if rule.kind == "latency":
                 time.sleep(rule.latency_ms / 1000)
             elif rule.kind == "reset":
                 raise _Reset()
+            elif rule.kind in ("garbled", "swap"):
+                return rule.kind
             else:
                 headers = {}
                 if rule.retry_after is not None:
@@ -422,6 +443,13 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_garbled(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(GARBLED_BODY)))
+        self.end_headers()
+        self.wfile.write(GARBLED_BODY)
 
     def _send_file(self, f: AttachmentFile, *, inline: bool) -> None:
         disposition = "inline" if inline else "attachment"

@@ -37,6 +37,8 @@ def nuntiq_client(settings: Settings) -> NuntiqClient:
         secrets.nuntiq_api_key,
         timeout=cfg.nuntiq_timeout_seconds,
         max_reply_bytes=cfg.max_invoice_bytes,
+        # one keep-alive connection per lane: no lane waits for another's socket
+        max_connections=cfg.concurrency,
     )
 
 

@@ -40,6 +40,7 @@ from erp_push.errors import (
     LeaseExpired,
     LeaseLapsing,
     NuntiqAuthError,
+    NuntiqDeadlineReached,
     NuntiqError,
     NuntiqProtocolError,
     RenderError,
@@ -76,6 +77,8 @@ SERVER_REFUSALS = {"SFTP_DISK_FULL", "SFTP_PERMISSION_DENIED", "SFTP_PUBLISH_FAI
 # as anyone can tell: the invoice stays pending, and a second one in a row (no file
 # published in between) stops the run, so a broken server cannot burn the queue.
 UNEXPLAINED_WRITE_FAILURE = "SFTP_UPLOAD_FAILED"
+# How long invoices already in flight at max_run_seconds may still talk to Nuntiq.
+DEADLINE_GRACE_SECONDS = 60
 # The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
 # back through claim, in this run or a later one.
 LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
@@ -522,7 +525,11 @@ class Pusher:
         )
         # The run's deadline, by the monotonic clock: past it nothing new is claimed or
         # started; what is in flight finishes its steps (each bounded by its timeouts).
+        # Nuntiq calls get a grace period past it to finish those steps, then none is
+        # sent at all: a Nuntiq that hangs or throttles cannot keep the run past it.
         self._deadline = time.monotonic() + plan.max_run_seconds
+        if nuntiq.deadline is None:
+            nuntiq.deadline = self._deadline + DEADLINE_GRACE_SECONDS
         self.on_outcome = on_outcome or (lambda _o: None)
         self.on_claimed = on_claimed or (lambda _n: None)
         self.report = RunReport(command="push")
@@ -730,6 +737,8 @@ class Pusher:
         asked_at = datetime.now(UTC)
         try:
             leases = self.nuntiq.claim(limit=limit, lease_ttl_seconds=ttl)
+        except NuntiqDeadlineReached:
+            return []  # the run is out of time: not an error, the rest waits for the next
         except NuntiqError as exc:
             self._stop = exc
             return []

@@ -38,7 +38,7 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 from erp_push.errors import LeaseLapsing, RemoteFileMissing, SftpOperationError
-from erp_push.transport import TMP_PATTERN, RemoteStat, SftpSession, Status
+from erp_push.transport import TMP_PATTERN, Exchange, RemoteStat, Reply, SftpSession, Status
 
 if TYPE_CHECKING:
     from erp_push.render import RenderedFile
@@ -173,7 +173,7 @@ def _look(
     drop: Drop,
     file: RenderedFile,
     *,
-    also: Callable[[object], None] | None = None,
+    also: Callable[[Exchange], None] | None = None,
 ) -> Lookup:
     """Stat the invoice's names, a round trip per wave, and compare same-sized files.
 
@@ -201,7 +201,7 @@ def _look(
         for family, i, path, reply in asked:
             family.looked = max(family.looked, i + 1)
             try:
-                found = reply.value  # type: ignore[attr-defined]
+                found = reply.value
             except RemoteFileMissing:
                 continue
             family.taken.setdefault(i, []).append((path, found))
@@ -310,13 +310,13 @@ class _Publishing:
     # --- rename mode --------------------------------------------------------------------
 
     def via_tmp(self) -> Delivery:
-        created: list[object] = []
+        created: list[Reply[bytes]] = []
         try:
             found = _look(
                 self.session,
                 self.drop,
                 self.file,
-                also=lambda batch: created.append(batch.create(self.tmp)),  # type: ignore[attr-defined]
+                also=lambda batch: created.append(batch.create(self.tmp)),
             )
             handle = self._created(created[0])
             if found.identical is not None:
@@ -335,9 +335,9 @@ class _Publishing:
             self._discard_tmp()
             raise
 
-    def _created(self, reply: object) -> bytes:
+    def _created(self, reply: Reply[bytes]) -> bytes:
         try:
-            handle: bytes = reply.value  # type: ignore[attr-defined]
+            handle = reply.value
         except SftpOperationError as exc:
             raise self._explain(exc) from None
         self.tmp_exists = True
@@ -399,8 +399,8 @@ class _Publishing:
         for path, reply in replies:
             if reply.ok:
                 return path
-            if not isinstance(reply.error, RemoteFileMissing):
-                raise reply.error  # type: ignore[misc]
+            if reply.error is not None and not isinstance(reply.error, RemoteFileMissing):
+                raise reply.error
         return None
 
     def _use_hardlink(self) -> bool:

@@ -21,11 +21,16 @@ pytest_plugins = ["tests.sandbox.fixtures", "tests.sftp_servers.fixtures"]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test starts with no ERP_PUSH_* variables from the developer's shell."""
+def _isolated_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every test starts with no ERP_PUSH_* variables from the developer's shell, and a
+    default state_dir of its own: settings that need one create it (and the journal) to
+    prove it usable, which must not happen in the developer's ~/.local/state."""
     for name in list(os.environ):
         if name.startswith("ERP_PUSH_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("xdg-state")))
 
 
 @pytest.fixture

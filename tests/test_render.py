@@ -357,6 +357,42 @@ def test_missing_invoice_number_fails(number: str | None) -> None:
     assert "invoiceNumber" in caught.value.message
 
 
+BLANK_NUMBERS = {
+    "no-break space": "\u00a0",
+    "ideographic space": "\u3000",
+    "mixed spaces": " \u00a0\u2003\u202f ",
+    "zero-width space": "\u200b",  # not str.isspace()
+    "zero-width joiners and word joiner": "\u200c\u200d\u2060",
+    "byte order mark": "\ufeff",
+    "hangul filler": "\u3164",
+    "tab": "\t",
+}
+
+
+@pytest.mark.parametrize("number", list(BLANK_NUMBERS.values()), ids=list(BLANK_NUMBERS))
+def test_invoice_number_that_cannot_be_seen_is_missing(number: str) -> None:
+    """A no-break space alone was delivered as '_-20240305.csv'."""
+    with pytest.raises(RenderError) as caught:
+        render(nuntiq_invoice({**NORMAL, "invoiceNumber": number}))
+
+    assert caught.value.failure_code == RENDER_MISSING_FIELD
+    assert "invoiceNumber" in caught.value.message
+    assert f"U+{ord(number.strip(' ')[0]):04X}" in caught.value.message
+
+
+def test_invisible_characters_around_a_visible_number_are_kept() -> None:
+    rendered = render(nuntiq_invoice({**NORMAL, "invoiceNumber": "\u00a0INV-7"}))
+    assert rendered.invoice_number == "\u00a0INV-7"
+    assert rendered.file_name == "_INV-7-20240305.csv"
+
+
+@pytest.mark.parametrize("code", ["\u00a0", "\u200b"], ids=["no-break space", "zero-width"])
+def test_supplier_code_that_cannot_be_seen_falls_back_to_the_vendor(code: str) -> None:
+    addresses = [{"address_type": "vendor", "address_name": "Acme Supplies GmbH"}]
+    body = render(nuntiq_invoice({**NORMAL, "supplierCode": code}, addresses=addresses)).body
+    assert b"\tAcme Supplies GmbH\t" in body
+
+
 def test_absent_invoice_number_field_fails() -> None:
     fields = {k: v for k, v in NORMAL.items() if k != "invoiceNumber"}
 

@@ -19,13 +19,15 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from erp_push import __version__, commands
-from erp_push.errors import ErpPushError, ExitCode
+from erp_push.errors import ErpPushError, ExitCode, SettingsError
 from erp_push.report import Outcome, RunReport
 from erp_push.settings import Need, Settings, load_settings
+from erp_push.text import json_safe, printable, printable_lines
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all delivered; 1 some invoices failed (each was reported to Nuntiq) or "
@@ -103,9 +105,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log messages carry server text (error messages, banners): escaped like all output."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return printable_lines(super().formatStack(stack_info))
+
+
 def _configure_logging(level: int) -> None:
     handler = _StderrHandler()
-    formatter = logging.Formatter(
+    formatter = _PrintableFormatter(
         "%(asctime)s UTC [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
     )
     formatter.converter = time.gmtime
@@ -137,7 +152,7 @@ def _guarded(call: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug: still one line (no secrets in tracebacks), --debug shows it
         if _State.debug:
-            err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
+            err.print(_traceback(exc), markup=False, highlight=False)
         err.print(
             f"[bold red]internal error:[/bold red] {type(exc).__name__} "
             "(run with --debug for details)"
@@ -147,15 +162,28 @@ def _guarded(call: Callable[[], T]) -> T:
 
 def _fail(exc: ErpPushError) -> NoReturn:
     if _State.debug:
-        err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
-    err.print(f"[bold red]error:[/bold red] {_escape(str(exc))}")
-    if exc.hint:
-        err.print(f"[dim]hint:[/dim] {_escape(exc.hint)}")
+        err.print(_traceback(exc), markup=False, highlight=False)
+    _print_error(exc)
     raise typer.Exit(int(exc.exit_code))
 
 
-def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
+def _print_error(exc: ErpPushError) -> None:
+    # Only a settings error has line breaks of its own (one problem per line).
+    text = printable_lines(str(exc)) if isinstance(exc, SettingsError) else printable(str(exc))
+    err.print(f"[bold red]error:[/bold red] {escape(text)}")
+    if exc.hint:
+        err.print(f"[dim]hint:[/dim] {_show(exc.hint)}")
+
+
+def _traceback(exc: BaseException) -> str:
+    return printable_lines("".join(traceback.format_exception(exc)))
+
+
+def _show(text: str) -> str:
+    """Text that may come from outside (a server, an invoice, a remote folder), ready for
+    ``err.print``: control characters escaped (see text.py), no rich markup. (rich's
+    escape, not a blanket "[" -> "\\[": that left a visible backslash before "[2K".)"""
+    return escape(printable(text))
 
 
 def _settings(path: Path | None, needs: set[Need]) -> Settings:
@@ -225,9 +253,7 @@ def _print_run(report: RunReport, *, as_json: bool) -> None:
     else:
         report.render_table(err)
     if report.error is not None:
-        err.print(f"[bold red]error:[/bold red] {_escape(str(report.error))}")
-        if report.error.hint:
-            err.print(f"[dim]hint:[/dim] {_escape(report.error.hint)}")
+        _print_error(report.error)
 
 
 # --- dry-run --------------------------------------------------------------------------
@@ -258,13 +284,15 @@ def dry_run(
     )
     if as_json:
         typer.echo(
-            json.dumps(
-                {
-                    "lease_ttl_seconds": report.lease_ttl_seconds,
-                    "note": note,
-                    "invoices": [p.__dict__ for p in report.planned],
-                },
-                ensure_ascii=False,
+            json_safe(
+                json.dumps(
+                    {
+                        "lease_ttl_seconds": report.lease_ttl_seconds,
+                        "note": note,
+                        "invoices": [p.__dict__ for p in report.planned],
+                    },
+                    ensure_ascii=False,
+                )
             )
         )
         return
@@ -275,18 +303,15 @@ def dry_run(
     for column in ("invoice", "file name", "note"):
         table.add_column(column)
     for p in report.planned:
+        invoice = _show(p.invoice_number or p.invoice_token)
         if p.failure_code:
             table.add_row(
-                p.invoice_number or p.invoice_token,
-                "-",
-                f"[red]{p.failure_code}[/red] {_escape(p.message or '')}",
+                invoice, "-", f"[red]{_show(p.failure_code)}[/red] {_show(p.message or '')}"
             )
         elif p.already_delivered:
-            table.add_row(
-                p.invoice_number or "", "-", f"already delivered as {p.already_delivered}"
-            )
+            table.add_row(invoice, "-", f"already delivered as {_show(p.already_delivered)}")
         else:
-            table.add_row(p.invoice_number or "", p.file_name or "", p.collision or "")
+            table.add_row(invoice, _show(p.file_name or ""), _show(p.collision or ""))
     err.print(table)
     err.print(f"[dim]note:[/dim] {note}")
 
@@ -364,11 +389,11 @@ def cleanup_tmp(
     else:
         verb = "would remove" if dry_run else "removed"
         for f in report.stale:
-            err.print(f"{verb} {f.path}")
+            err.print(f"{verb} {_show(f.path)}")
         done = len(report.stale) if dry_run else len(report.removed)
         err.print(f"{done} stale tmp file(s) {verb} (older than {older_than} min)")
         for e in report.errors:
-            err.print(f"[red]could not remove[/red] {e}")
+            err.print(f"[red]could not remove[/red] {_show(e)}")
     raise typer.Exit(ExitCode.SOME_FAILED if report.errors else ExitCode.OK)
 
 

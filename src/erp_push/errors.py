@@ -61,6 +61,20 @@ class SettingsError(ErpPushError):
         )
 
 
+class JournalUnusable(ErpPushError):
+    """The state folder or the journal in it cannot be created, opened or written.
+
+    A settings problem (exit 3), found before anything is claimed: ``load_settings``
+    names it as a problem of ``config.state_dir`` together with any others.
+    """
+
+    exit_code = ExitCode.SETTINGS
+    hint = (
+        "Set config.state_dir (env ERP_PUSH_STATE_DIR) to a folder on a writable local "
+        "disk that this user may write to."
+    )
+
+
 # --- Nuntiq ---------------------------------------------------------------------------
 
 

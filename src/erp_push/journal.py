@@ -19,6 +19,7 @@ can tell a dead run's rows (to be finished) from a live run's rows (hands off).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -32,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
+from erp_push.errors import JournalUnusable
 from erp_push.models import Lease
 
 
@@ -104,10 +106,27 @@ class Journal:
     FILE_NAME = "journal.sqlite3"
 
     def __init__(self, state_dir: Path) -> None:
+        """Open (or create) the journal; ``JournalUnusable`` if it cannot be written.
+
+        Everything that can fail is tried here, before a run claims anything: creating
+        the folders, opening the file for writing and one committed write.
+        """
+        try:
+            self._open(state_dir)
+        except (JournalUnusable, OSError, sqlite3.Error) as exc:
+            db = getattr(self, "_db", None)
+            if db is not None:
+                db.close()
+            if isinstance(exc, JournalUnusable):
+                raise
+            raise JournalUnusable(
+                f"cannot write the journal {state_dir / self.FILE_NAME}: {_reason(exc)}"
+            ) from None
+
+    def _open(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / "runs").mkdir(exist_ok=True)
         self.path = state_dir / self.FILE_NAME
+        _prepare(state_dir, self.path)
         # One connection shared by this process's worker threads, serialised by SQLite's
         # own mutex (check_same_thread=False); other processes wait on busy_timeout.
         self._db = sqlite3.connect(
@@ -117,6 +136,7 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self._db.executescript(_SCHEMA)
+        _prove_writable(self._db, state_dir / "runs", self.path)
         self._run_lock: IO[str] | None = None
         self.run_id = uuid.uuid4().hex
 
@@ -124,7 +144,8 @@ class Journal:
 
     def start_run(self) -> None:
         """Hold this run's lock file until close(): a live lock marks our rows as taken."""
-        lock = open(self.state_dir / "runs" / f"{self.run_id}.lock", "w")  # noqa: SIM115
+        path = self.state_dir / "runs" / f"{self.run_id}.lock"
+        lock = open(path, "w", opener=_private_opener)  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
         self._run_lock = lock
 
@@ -290,6 +311,74 @@ class Journal:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+
+# --- opening: folders, modes, the write probe -----------------------------------------
+
+
+def _prepare(state_dir: Path, journal: Path) -> None:
+    """The folders and the journal file, private: lease tokens, invoice numbers and
+    remote paths are nobody else's business (folders erp-push creates are 0700, the
+    journal 0600). A folder that exists keeps its mode: it may be shared on purpose."""
+    runs = state_dir / "runs"
+    try:
+        state_dir.parent.mkdir(parents=True, exist_ok=True)  # like mkdir -p
+    except OSError as exc:
+        raise JournalUnusable(f"cannot create the folder {state_dir}: {_reason(exc)}") from None
+    for folder in (state_dir, runs):
+        try:
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)  # mkdir's mode went through the umask; chmod's does not
+        except FileExistsError:
+            if not folder.is_dir():
+                raise JournalUnusable(f"{folder} exists but is not a folder") from None
+        except OSError as exc:
+            raise JournalUnusable(f"cannot create the folder {folder}: {_reason(exc)}") from None
+    # Opened for writing here, because SQLite opens a read-only file read-only and says
+    # so only at the first write.
+    try:
+        fd = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise JournalUnusable(
+            f"cannot open the journal {journal} for writing: {_reason(exc)}"
+        ) from None
+    try:
+        # Also a journal left 0644 by an older version. One that another user owns is
+        # not ours to change: being able to write it is what counts.
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _prove_writable(db: sqlite3.Connection, runs: Path, journal: Path) -> None:
+    """One committed write to the journal and one file in runs/: a full disk, a
+    read-only mount or an unwritable WAL shows up now, not after claiming."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(f"PRAGMA user_version = {int(version)}")  # its own value: no change
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    for suffix in ("-wal", "-shm"):  # SQLite gives them the journal's mode when it
+        with contextlib.suppress(OSError):  # creates them; older ones may be 0644
+            os.chmod(f"{journal}{suffix}", 0o600)
+    probe = runs / f".probe-{uuid.uuid4().hex}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise JournalUnusable(f"cannot write to the folder {runs}: {_reason(exc)}") from None
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _reason(exc: OSError | sqlite3.Error) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _iso(value: datetime) -> str:

@@ -47,6 +47,10 @@ RENDER_INVALID_VALUE = "RENDER_INVALID_VALUE"
 # what it is, and zero-width characters make two equal-looking codes differ.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
+# Letters that are drawn as nothing (Default_Ignorable, but not Cf): the combining
+# grapheme joiner and the Hangul fillers. A number made of them is as good as missing.
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u3164\uffa0")
+
 
 @dataclass(frozen=True)
 class FieldKeys:
@@ -75,9 +79,12 @@ def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> Rendere
     it concerns this invoice only.
     """
     number = _cell(invoice.field(keys.invoice_number), keys.invoice_number)
-    if not number:
+    if _blank(number):
+        # A no-break space alone would be delivered as "_-20261130.csv": nothing the ERP
+        # could match to an invoice. What cannot be seen counts as missing.
+        shown = f" (only {_code_points(number)})" if number else ""
         raise RenderError(
-            f"the invoice has no invoice number (template field {keys.invoice_number!r})",
+            f"the invoice has no invoice number{shown} (template field {keys.invoice_number!r})",
             failure_code=RENDER_MISSING_FIELD,
         )
     row = {
@@ -102,14 +109,30 @@ def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> Rendere
 # --- values ---------------------------------------------------------------------------
 
 
+def _blank(text: str) -> bool:
+    """Nothing a reader could see: empty, or only whitespace (any Unicode space, e.g. a
+    no-break space), control and format characters (e.g. a zero-width space, which
+    ``str.isspace`` does not cover) and the few letters that render as nothing."""
+    return all(
+        char.isspace() or char in _INVISIBLE or unicodedata.category(char) in ("Cc", "Cf")
+        for char in text
+    )
+
+
+def _code_points(text: str, limit: int = 5) -> str:
+    shown = " ".join(f"U+{ord(char):04X}" for char in text[:limit])
+    return shown + (" …" if len(text) > limit else "")
+
+
 def _supplier_code(invoice: Invoice, keys: FieldKeys) -> str:
     code = _cell(invoice.field(keys.supplier_code), keys.supplier_code)
-    if code:
+    if not _blank(code):
         return code
     vendor = invoice.address(keys.vendor_address_type)
     if vendor is None:
         return ""
-    return _cell(vendor.address_name, f"{keys.vendor_address_type} address_name")
+    name = _cell(vendor.address_name, f"{keys.vendor_address_type} address_name")
+    return "" if _blank(name) else name
 
 
 def _cell(value: Any, field: str) -> str:

@@ -14,10 +14,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from erp_push import wire
 from erp_push.errors import ErpPushError, ExitCode
 from erp_push.models import IntegrationResult
+from erp_push.text import json_safe, printable
 
 FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
@@ -121,8 +123,9 @@ class RunReport:
         }
 
     def to_json(self) -> str:
-        # One line: cron appends each run's report to a JSON Lines log.
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        # One line: cron appends each run's report to a JSON Lines log. json_safe: a
+        # server's control characters stay escaped even for `| less -R` or a terminal.
+        return json_safe(json.dumps(self.to_dict(), ensure_ascii=False))
 
     def render_table(self, console: Console) -> None:
         shown = self.outcomes
@@ -146,15 +149,17 @@ class RunReport:
                     Result.PENDING: "yellow",
                 }[o.result]
                 detail = o.remote_path or f"{o.failure_code or ''} {o.message or ''}".strip()
+                # Numbers, paths and messages come from Nuntiq and the SFTP server: shown
+                # as plain Text (no rich markup), control characters escaped.
                 table.add_row(
-                    o.invoice_number or o.invoice_token,
+                    Text(printable(o.invoice_number or o.invoice_token)),
                     f"[{style}]{o.result.value}[/{style}]",
-                    detail,
+                    Text(printable(detail)),
                 )
             console.print(table)
         console.print(self.summary_line())
         for note in self.notes:
-            console.print(f"[dim]note:[/dim] {note}")
+            console.print(Text("note: ", style="dim") + Text(printable(note)))
 
     def summary_line(self) -> str:
         if not self.outcomes and self.error is None:

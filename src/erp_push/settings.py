@@ -42,7 +42,8 @@ from pydantic_settings import (
 )
 
 from erp_push import wire
-from erp_push.errors import SettingsError
+from erp_push.errors import JournalUnusable, SettingsError
+from erp_push.journal import Journal
 
 ENV_PREFIX = "ERP_PUSH_"
 DEFAULT_SETTINGS_FILE = Path("settings.json")
@@ -91,11 +92,21 @@ class Secrets(BaseModel):
         return SecretStr(key)
 
 
+# The default when there is no XDG_STATE_HOME, before "~" is expanded.
+_HOME_STATE_DIR = Path("~/.local/state/erp-push")
+
+
 def _default_state_dir() -> Path:
     # XDG says a relative XDG_STATE_HOME is invalid and must be ignored.
     xdg = os.environ.get("XDG_STATE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
-    return base / "erp-push"
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "erp-push"
+    # Without a home folder (HOME unset, no passwd entry) "~" stays: load_settings then
+    # names it as a problem of state_dir instead of failing while building defaults.
+    try:
+        return _HOME_STATE_DIR.expanduser()
+    except RuntimeError:
+        return _HOME_STATE_DIR
 
 
 _STATE_DIR_DEFAULT_TEXT = "$XDG_STATE_HOME/erp-push or ~/.local/state/erp-push"
@@ -576,9 +587,17 @@ class _Requirements:
 
 
 def _check_needs(
-    settings: Settings, needs: AbstractSet[Need], already_reported: set[str]
+    settings: Settings,
+    needs: AbstractSet[Need],
+    already_reported: set[str],
+    unresolved: Mapping[str, str],
 ) -> list[str]:
     req = _Requirements(already_reported)
+    # A path whose "~" cannot be expanded counts only where the command uses it.
+    for json_key, message in unresolved.items():
+        section_need = Need.STATE if json_key == "config.state_dir" else Need.SFTP
+        if section_need in needs:
+            req.add(json_key, message)
     c, s = settings.config, settings.secrets
     if Need.NUNTIQ in needs:
         req.require("config.nuntiq_base_url", c.nuntiq_base_url, "to talk to Nuntiq")
@@ -587,8 +606,13 @@ def _check_needs(
         req.require("config.connector_name", c.connector_name, "to record the run in Nuntiq")
     if Need.SFTP in needs:
         _check_sftp(settings, req)
-    if Need.STATE in needs and c.state_dir.exists() and not c.state_dir.is_dir():
-        req.add("config.state_dir", f"{c.state_dir} exists but is not a folder")
+    if Need.STATE in needs and "config.state_dir" not in req.reported:
+        # Tried for real (folders, journal file, one write), so that /proc/x, a read-only
+        # disk or a read-only journal is a settings problem before anything is claimed.
+        try:
+            Journal(c.state_dir).close()
+        except JournalUnusable as exc:
+            req.add("config.state_dir", exc.message)
     return req.problems
 
 
@@ -669,8 +693,8 @@ def load_settings(path: Path | None, *, needs: AbstractSet[Need]) -> Settings:
 
     if settings is not None:
         base = file.parent.absolute() if file.is_file() else Path.cwd()
-        settings = _resolve_paths(settings, base)
-        problems += _check_needs(settings, needs, reported)
+        settings, unresolved = _resolve_paths(settings, base)
+        problems += _check_needs(settings, needs, reported, unresolved)
     if problems or settings is None:
         where = source if file.is_file() else f"the environment (no {file})"
         raise SettingsError(problems, source=where)
@@ -726,18 +750,41 @@ def _without(data: Mapping[str, Any], loc: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _resolve_paths(settings: Settings, base: Path) -> Settings:
+def _resolve_paths(settings: Settings, base: Path) -> tuple[Settings, dict[str, str]]:
     """Expand ``~`` and make relative paths relative to the settings file's folder, so a
-    cron job started from any working directory finds the same files."""
+    cron job started from any working directory finds the same files.
 
-    def resolve(value: Path) -> Path:
-        value = value.expanduser()
+    Also returns, per JSON key, why a ``~`` could not be expanded (such a path is left
+    as it was); ``_check_needs`` reports it when the command uses that path.
+    """
+    unresolved: dict[str, str] = {}
+
+    def resolve(name: str, value: Path) -> Path:
+        try:
+            value = value.expanduser()
+        except RuntimeError:
+            unresolved[f"config.{name}"] = _unexpandable(value)
+            return value
         return value if value.is_absolute() else base / value
 
     c = settings.config
-    update: dict[str, Path] = {"state_dir": resolve(c.state_dir)}
+    update: dict[str, Path] = {"state_dir": resolve("state_dir", c.state_dir)}
     if c.sftp_known_hosts is not None:
-        update["sftp_known_hosts"] = resolve(c.sftp_known_hosts)
+        update["sftp_known_hosts"] = resolve("sftp_known_hosts", c.sftp_known_hosts)
     if c.sftp_private_key_path is not None:
-        update["sftp_private_key_path"] = resolve(c.sftp_private_key_path)
-    return settings.model_copy(update={"config": c.model_copy(update=update)})
+        update["sftp_private_key_path"] = resolve("sftp_private_key_path", c.sftp_private_key_path)
+    return settings.model_copy(update={"config": c.model_copy(update=update)}), unresolved
+
+
+def _unexpandable(value: Path) -> str:
+    """Why ``~`` or ``~user`` at the start of ``value`` has no folder to stand for."""
+    head = value.parts[0]
+    if head != "~":
+        return f"{_show(str(value))} starts with {head}, but there is no user {head[1:]!r}"
+    why = f"HOME is not set and user id {os.getuid()} has no entry in the user database"
+    if value == _HOME_STATE_DIR:
+        return (
+            f"the default {value} needs a home folder, but {why}; set state_dir to an "
+            "absolute path (or set HOME or XDG_STATE_HOME)"
+        )
+    return f"{_show(str(value))} starts with ~, but {why}; use an absolute path"

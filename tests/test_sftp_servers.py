@@ -34,7 +34,9 @@ def open_channels(transport: paramiko.Transport, count: int) -> list[probe.Probe
     return [probe.open_client(transport) for _ in range(count)]
 
 
-def assert_one_channel_too_many_drops_the_connection(server: SftpServerInfo, limit: int = 10) -> None:
+def assert_one_channel_too_many_drops_the_connection(
+    server: SftpServerInfo, limit: int = 10
+) -> None:
     transport = probe.open_transport(server)
     try:
         clients = open_channels(transport, limit)

@@ -1,7 +1,7 @@
 """A throwaway ProFTPD (mod_sftp) server: another real SFTP server ERP hosts run.
 
-ProFTPD 1.3.8 differs from OpenSSH in ways a client must survive (see
-docs in tests/test_sftp_servers.py, which checks each one):
+ProFTPD 1.3.8 differs from OpenSSH in ways a client must survive
+(tests/test_sftp_servers.py checks each one):
 
 - plain RENAME onto an existing name is always refused with status 11 ("File already
   exists", a v5 code sent to a v3 client); ``posix-rename@openssh.com`` overwrites;

@@ -76,7 +76,7 @@ def assert_no_tmp(server: SftpServerInfo) -> None:
 # --- the happy path on each server kind ----------------------------------------------------
 
 
-@pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp"])
+@pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp", "proftpd_sftp"])
 def test_push_delivers_every_invoice_exactly_as_rendered(
     server_fixture: str,
     request: pytest.FixtureRequest,
@@ -145,7 +145,9 @@ def test_awkward_invoices_fail_alone_with_a_code(
 # --- G4: no clobbering -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("server_fixture", ["asyncssh_sftp", "openssh_sftp", "sftpserver_sftp"])
+@pytest.mark.parametrize(
+    "server_fixture", ["asyncssh_sftp", "openssh_sftp", "proftpd_sftp", "sftpserver_sftp"]
+)
 def test_taken_names_get_a_suffix_and_identical_files_count_as_delivered(
     server_fixture: str,
     request: pytest.FixtureRequest,

@@ -232,6 +232,15 @@ class HostKeyMismatch(HostKeyError):
     """The server presented a different key than the one we trust: possible interception."""
 
 
+class HostKeyRevoked(HostKeyMismatch):
+    """The server presented a key that known_hosts marks ``@revoked``: never accepted."""
+
+    hint = (
+        "A revoked key is never accepted. Ask the server's administrators for the new "
+        "host key, compare its fingerprint, and list it in sftp_known_hosts."
+    )
+
+
 class SftpAuthError(SftpError):
     """Login refused (password, key or passphrase wrong; user not allowed)."""
 

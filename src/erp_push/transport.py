@@ -19,6 +19,7 @@ Paramiko is synchronous and a session is not meant to be shared between threads:
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import logging
@@ -37,7 +38,6 @@ from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 
 import paramiko  # type: ignore[import-untyped]
-from paramiko.hostkeys import InvalidHostKey  # type: ignore[import-untyped]
 from paramiko.sftp import (  # type: ignore[import-untyped]
     CMD_ATTRS,
     CMD_CLOSE,
@@ -66,12 +66,13 @@ from paramiko.sftp import (  # type: ignore[import-untyped]
 )
 from pydantic import SecretStr
 
+from erp_push import known_hosts
 from erp_push.errors import (
     ErpPushError,
     HostKeyMismatch,
+    HostKeyRevoked,
     HostKeyUnknown,
     RemoteFileMissing,
-    SettingsError,
     SftpAuthError,
     SftpFolderError,
     SftpOperationError,
@@ -223,25 +224,20 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
 # --- connecting -----------------------------------------------------------------------
 
 
-def _load_known_hosts(path: Path) -> Any:
-    host_keys = paramiko.HostKeys()
-    try:
-        host_keys.load(str(path))
-    except FileNotFoundError:
-        log.debug("known_hosts file %s does not exist; treating it as empty", path)
-    except (OSError, paramiko.SSHException, InvalidHostKey) as exc:
-        # A broken trust file is a settings problem (exit 3), found before any upload.
-        raise SettingsError(
-            [f"config.sftp_known_hosts: cannot use {path}: {_reason(exc)}"]
-        ) from None
-    return host_keys
-
-
-def _verify_host_key(options: SftpOptions, server_key: Any, trusted: dict[str, Any]) -> None:
+def _verify_host_key(options: SftpOptions, server_key: Any, known: known_hosts.HostKeys) -> None:
     """Accept the key only if a configured source vouches for it and none contradicts it."""
     name = known_hosts_name(options.host, options.port)
     seen = f"{server_key.get_name()} {fingerprint(server_key)}"
     pin = options.host_key_sha256
+    revoked = known.revocation(server_key.asbytes())
+    if revoked is not None:
+        # Checked first: a revoked key stays refused whatever else vouches for it.
+        raise HostKeyRevoked(
+            f"host key of {options.address} is revoked: the server presented {seen}, which "
+            f"line {revoked.line} of {options.known_hosts} marks @revoked. Do not connect "
+            f"until the server's administrators have replaced the key",
+            fingerprint=fingerprint(server_key),
+        )
     if pin is not None and pin.strip().removeprefix("SHA256:").rstrip("=") != fingerprint(
         server_key
     ).removeprefix("SHA256:"):
@@ -251,8 +247,8 @@ def _verify_host_key(options: SftpOptions, server_key: Any, trusted: dict[str, A
             f"sftp_host_key_sha256 to {fingerprint(server_key)}",
             fingerprint=fingerprint(server_key),
         )
-    if trusted:
-        if any(key.asbytes() == server_key.asbytes() for key in trusted.values()):
+    if known.trusted:
+        if known.trusts(server_key.asbytes()):
             return
         raise HostKeyMismatch(
             f"host key of {options.address} differs from the one in {options.known_hosts} "
@@ -329,7 +325,12 @@ def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
     if channel is None:
         raise paramiko.SSHException("the server refused an SFTP channel")
     channel.settimeout(options.connect_timeout)  # the version exchange reads with this
-    deadline = threading.Timer(options.connect_timeout, channel.close)
+    def give_up() -> None:
+        # Runs in the timer's thread: a connection that died meanwhile must not raise there.
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            channel.close()
+
+    deadline = threading.Timer(options.connect_timeout, give_up)
     deadline.daemon = True
     deadline.start()
     try:
@@ -359,7 +360,7 @@ def _open_transport(options: SftpOptions) -> Any:
     return transport
 
 
-def _prefer_key_types(transport: Any, trusted: dict[str, Any]) -> None:
+def _prefer_key_types(transport: Any, trusted: set[str]) -> None:
     """Ask for a host key type we already trust, so a server with several keys shows it."""
     if not trusted:
         return
@@ -596,19 +597,17 @@ class SftpSession:
     def connect(cls, options: SftpOptions) -> SftpSession:
         """Connect, verify the host key (always, before auth), log in, open SFTP.
 
-        Raises HostKeyUnknown/HostKeyMismatch, SftpAuthError or SftpUnreachable.
+        Raises HostKeyUnknown/HostKeyMismatch/HostKeyRevoked, SftpAuthError or
+        SftpUnreachable; SettingsError for a known_hosts file that cannot be read.
         """
-        trusted: dict[str, Any] = {}
+        known = known_hosts.HostKeys()
         if options.known_hosts is not None:
-            found = _load_known_hosts(options.known_hosts).lookup(
-                known_hosts_name(options.host, options.port)
-            )
-            trusted = dict(found) if found else {}
+            known = known_hosts.load(options.known_hosts, options.host, options.port)
         transport = _open_transport(options)
         try:
-            _prefer_key_types(transport, trusted)
+            _prefer_key_types(transport, known.key_types)
             transport.start_client(timeout=options.connect_timeout)
-            _verify_host_key(options, transport.get_remote_server_key(), trusted)
+            _verify_host_key(options, transport.get_remote_server_key(), known)
             _authenticate(transport, options)
             transport.set_keepalive(options.keepalive_interval)
             sftp = _open_sftp(transport, options)

@@ -22,6 +22,17 @@ and can imitate each family of behaviour (``quirk``):
 - ``hang_on_write``: opening a file for writing never gets an answer (a hung server).
 - ``case_insensitive``: names resolve as on a Windows server: ``ABC.CSV`` and
   ``abc.csv`` are one name (the existing spelling wins).
+- ``channel_limit``: ProFTPD's ``SFTPMaxChannels``: opening a channel beyond
+  ``max_channels`` (default 10) open on one connection is refused and the server then
+  drops the whole connection (OpenSSH refuses only that channel).
+- ``upload_only``: ``remove()`` in the outbox (and below it) is permission denied, as in
+  drop folders that forbid deletion (ProFTPD ``<Limit DELE> DenyAll``).
+- ``disk_full_generic``: OpenSSH on a full disk: writes fail with a bare FX_FAILURE
+  ("Failure", nothing about space) once ``disk_full_after`` bytes have been taken (0:
+  from the first byte); ``statvfs@openssh.com`` reports the free blocks left (0 when full).
+- ``read_only_generic``: OpenSSH on a read-only filesystem: opening for writing and
+  every change (remove, rename, link, mkdir...) fail with a bare FX_FAILURE; reads work;
+  ``statvfs@openssh.com`` reports the read-only flag.
 
 ``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
 advertises its extensions per class, not per server, so it is still *listed*; the client
@@ -46,7 +57,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
-from asyncssh.constants import FXF_WRITE
+from asyncssh.constants import FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_WRITE
+from asyncssh.sftp import MIN_SFTP_VERSION
+from asyncssh.stream import SSHServerStreamSession
 
 QUIRKS = (
     "normal",
@@ -60,10 +73,17 @@ QUIRKS = (
     "disk_full",
     "hang_on_write",
     "case_insensitive",
+    "channel_limit",
+    "upload_only",
+    "disk_full_generic",
+    "read_only_generic",
 )
 
 OUTBOX = "outbox"
 SENT = "outbox/sent"
+_WRITE_FLAGS = FXF_WRITE | FXF_CREAT | FXF_TRUNC | FXF_APPEND
+_BLOCK = 4096  # block size statvfs reports for the imitated disks
+_ST_RDONLY = 0x1  # statvfs@openssh.com flag bit for a read-only filesystem
 
 T = TypeVar("T")
 
@@ -75,7 +95,8 @@ class ServerConfig:
     password: str
     quirk: str = "normal"
     hardlink: bool = True
-    disk_full_after: int = 16
+    disk_full_after: int = 16  # disk_full, disk_full_generic: bytes taken before ENOSPC
+    max_channels: int = 10  # channel_limit: channels open at once on one connection
     drop_after: int = 1  # drop_after_rename: cut the connection at this publish (once)
     client_keys: list[asyncssh.SSHKey] = field(default_factory=list)
     # mutable state shared by all sessions of one server
@@ -87,12 +108,66 @@ class ServerConfig:
     requests: Counter[str] = field(default_factory=Counter)
 
 
+async def _disconnect(reason: str) -> None:
+    # A task that raises DisconnectError makes asyncssh send DISCONNECT and drop the
+    # connection, after the packet being handled has been answered.
+    raise asyncssh.DisconnectError(asyncssh.DISC_BY_APPLICATION, reason)
+
+
+class _CountedSession(SSHServerStreamSession):  # type: ignore[type-arg]
+    """asyncssh's own session (serving SFTP only) that tells its connection when it ends."""
+
+    def __init__(self, owner: _Auth, config: ServerConfig) -> None:
+        super().__init__(
+            None, functools.partial(QuirkyServer, config=config), MIN_SFTP_VERSION, False
+        )
+        self._owner = owner
+        self._counted = True
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._owner.open_channels -= 1
+
+    def eof_received(self) -> bool:
+        # A client closing a channel sends EOF and CLOSE together; asyncssh finishes the
+        # close only on a later loop turn, after it may already have read the client's
+        # next channel request. Counting the channel as gone from its EOF keeps "close
+        # one, open one" within the limit, as on ProFTPD, which handles packets in order.
+        self._release()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
+
+
 class _Auth(asyncssh.SSHServer):
+    """One per connection: logins, and the channels open on it (for ``channel_limit``)."""
+
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.open_channels = 0
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._config.connections.append(conn)
+        self._conn = conn
+
+    def session_requested(self) -> _CountedSession:
+        config = self._config
+        if config.quirk == "channel_limit" and self.open_channels >= config.max_channels:
+            # What ProFTPD's mod_sftp does: refuse the channel ("unknown channel type"),
+            # then send DISCONNECT, taking every open channel with it. Not
+            # conn.disconnect(): that closes each channel first, which ProFTPD does not.
+            assert self._conn is not None
+            self._conn.create_task(_disconnect("Application disconnected"))
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE,
+                f"maximum number of channels ({config.max_channels}) open",
+            )
+        self.open_channels += 1
+        return _CountedSession(self, config)
 
     def begin_auth(self, username: str) -> bool:
         return True  # always ask for credentials
@@ -130,6 +205,16 @@ class QuirkyServer(asyncssh.SFTPServer):
         if self._config.quirk != "case_insensitive":
             return local
         return _fold_case(local, os.fsencode(self._config.root))
+
+    def _in_outbox(self, path: bytes) -> bool:
+        local = Path(self._local(path))
+        outbox = self._config.root / OUTBOX
+        return local == outbox or outbox in local.parents
+
+    def _refuse_if_read_only(self) -> None:
+        if self._config.quirk == "read_only_generic":
+            # OpenSSH maps EROFS (like any errno it has no code for) to a bare failure.
+            raise asyncssh.SFTPFailure("Failure")
 
     def _after_publish(self, newpath: bytes) -> None:
         quirk = self._config.quirk
@@ -171,12 +256,10 @@ class QuirkyServer(asyncssh.SFTPServer):
         self._config.requests["read"] += 1
         return super().read(file_obj, offset, size)
 
-    def remove(self, path: bytes) -> Any:
-        self._config.requests["remove"] += 1
-        return super().remove(path)
-
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         self._config.requests["open"] += 1
+        if pflags & _WRITE_FLAGS:
+            self._refuse_if_read_only()
         if self._config.quirk == "permission_denied_write" and pflags & FXF_WRITE:
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if self._config.quirk == "hang_on_write" and pflags & FXF_WRITE:
@@ -185,38 +268,67 @@ class QuirkyServer(asyncssh.SFTPServer):
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         self._config.requests["write"] += 1
-        if self._config.quirk == "disk_full":
+        quirk = self._config.quirk
+        if quirk in ("disk_full", "disk_full_generic"):
             room = self._config.disk_full_after - self._config.bytes_written
             if len(data) > room:
                 if room > 0:
                     super().write(file_obj, offset, data[:room])
                     self._config.bytes_written += room
-                raise asyncssh.SFTPFailure("No space left on device")
+                # OpenSSH's sftp-server says only "Failure" for ENOSPC (and for a short
+                # write); asyncssh's own server passes the OS message on.
+                raise asyncssh.SFTPFailure(
+                    "No space left on device" if quirk == "disk_full" else "Failure"
+                )
             self._config.bytes_written += len(data)
         return super().write(file_obj, offset, data)  # type: ignore[return-value]
 
-    def statvfs(self, path: bytes) -> object:
-        # A full server tells the truth here, as OpenSSH's statvfs@openssh.com does.
-        if self._config.quirk == "disk_full" and (
-            self._config.bytes_written >= self._config.disk_full_after
-        ):
+    def _vfs(self, real: os.statvfs_result) -> object:
+        quirk = self._config.quirk
+        if quirk == "disk_full_generic":
+            total = self._config.disk_full_after
+            free = max(0, total - self._config.bytes_written) // _BLOCK
+            blocks = max(1, -(-total // _BLOCK))
             return asyncssh.SFTPVFSAttrs(
-                bsize=4096,
-                frsize=4096,
-                blocks=4,
-                bfree=0,
-                bavail=0,
-                files=64,
-                ffree=0,
-                favail=0,
-                fsid=0,
-                flags=0,
-                namemax=255,
+                _BLOCK, _BLOCK, blocks, free, free, 1024, 1000, 1000, 0, 0, 255
             )
-        return super().statvfs(path)
+        if quirk == "disk_full" and self._config.bytes_written >= self._config.disk_full_after:
+            # A full server tells the truth here, as OpenSSH's statvfs@openssh.com does.
+            return asyncssh.SFTPVFSAttrs(_BLOCK, _BLOCK, 4, 0, 0, 64, 0, 0, 0, 0, 255)
+        if quirk == "read_only_generic":
+            vfs = asyncssh.SFTPVFSAttrs.from_local(real)
+            vfs.flags |= _ST_RDONLY
+            return vfs
+        return real
+
+    def statvfs(self, path: bytes) -> object:
+        return self._vfs(os.statvfs(self._local(path)))
+
+    def fstatvfs(self, file_obj: object) -> object:
+        return self._vfs(os.statvfs(file_obj.fileno()))  # type: ignore[attr-defined]
+
+    def remove(self, path: bytes) -> None:
+        self._config.requests["remove"] += 1
+        self._refuse_if_read_only()
+        if self._config.quirk == "upload_only" and self._in_outbox(path):
+            raise asyncssh.SFTPPermissionDenied("Permission denied")
+        super().remove(path)
+
+    def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse_if_read_only()
+        super().mkdir(path, attrs)
+
+    def rmdir(self, path: bytes) -> None:
+        self._refuse_if_read_only()
+        super().rmdir(path)
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse_if_read_only()
+        super().setstat(path, attrs)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self._config.requests["rename"] += 1
+        self._refuse_if_read_only()
         quirk = self._config.quirk
         if quirk == "no_rename":
             raise asyncssh.SFTPPermissionDenied("Permission denied")
@@ -229,6 +341,7 @@ class QuirkyServer(asyncssh.SFTPServer):
         self._after_publish(newpath)
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._refuse_if_read_only()
         if self._config.quirk in ("no_posix_rename", "no_rename"):
             raise asyncssh.SFTPOpUnsupported("posix-rename not supported")
         super().posix_rename(oldpath, newpath)
@@ -236,6 +349,7 @@ class QuirkyServer(asyncssh.SFTPServer):
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
         self._config.requests["link"] += 1
+        self._refuse_if_read_only()
         if self._config.quirk == "no_rename":
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if not self._config.hardlink:
@@ -312,9 +426,9 @@ async def start_server(
         host,
         port,
         server_host_keys=[host_key],
+        # No sftp_factory: sessions come from _Auth.session_requested, which counts the
+        # channels open on each connection (channel_limit) and serves SFTP only.
         server_factory=functools.partial(_Auth, config),
-        sftp_factory=functools.partial(QuirkyServer, config=config),
-        allow_scp=False,
         # One process serves many short test sessions; no need to wait for them.
         login_timeout=30,
     )

@@ -5,6 +5,11 @@
 - ``asyncssh_sftp``: the same with the default quirk;
 - ``openssh_sftp``: a throwaway OpenSSH ``sshd`` (session-scoped; chroot, a real local
   user with a password and an ed25519 key), the server most ERPs run;
+- ``proftpd_factory(variant="normal")``: a ProFTPD mod_sftp server per call (virtual
+  user, DefaultRoot chroot; see ``proftpd_server`` for the variants); ``proftpd_sftp``:
+  the same with the default variant;
+- ``openssh_mounted_outbox(kind)``: a tmpfs in the ``openssh_sftp`` chroot that is full
+  (16 KiB) or read-only, as the outbox (skipped where mounting is not permitted);
 - ``sftpserver_sftp``: pytest-sftpserver's in-memory server (rename overwrites).
 
 Each gives a ``SftpServerInfo``: where to connect, how to trust it (its host key is
@@ -36,7 +41,7 @@ import pytest
 from pydantic import SecretStr
 
 from erp_push.transport import SftpOptions
-from tests.sftp_servers import asyncssh_server
+from tests.sftp_servers import asyncssh_server, proftpd_server
 from tests.sftp_servers.asyncssh_server import LoopThread, ServerConfig
 
 SSHD = Path("/usr/sbin/sshd")
@@ -51,7 +56,7 @@ class SftpServerInfo:
     helpers (``write``, ``read``, ``listdir``...) to work with either.
     """
 
-    kind: str  # "asyncssh", "openssh" or "sftpserver"
+    kind: str  # "asyncssh", "openssh", "proftpd" or "sftpserver"
     host: str
     port: int
     user: str
@@ -185,8 +190,9 @@ def sftp_server_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., SftpServerInfo]]:
     """Start asyncssh SFTP servers: ``factory(quirk="normal", *, hardlink=True,
-    disk_full_after=16, client_keys=())``; ``client_keys`` are extra ``.pub`` files
-    to accept. Each server gets its own root with ``/outbox`` and ``/outbox/sent``."""
+    disk_full_after=16, client_keys=(), drop_after=1, max_channels=10)``;
+    ``client_keys`` are extra ``.pub`` files to accept. Each server gets its own root
+    with ``/outbox`` and ``/outbox/sent``."""
     servers: list[tuple[asyncssh.SSHAcceptor, ServerConfig]] = []
 
     def start(
@@ -196,6 +202,7 @@ def sftp_server_factory(
         disk_full_after: int = 16,
         client_keys: tuple[Path, ...] | list[Path] = (),
         drop_after: int = 1,
+        max_channels: int = 10,
     ) -> SftpServerInfo:
         base = tmp_path_factory.mktemp(f"asyncssh-{quirk}")
         root = base / "root"
@@ -210,6 +217,7 @@ def sftp_server_factory(
             hardlink=hardlink,
             disk_full_after=disk_full_after,
             drop_after=drop_after,
+            max_channels=max_channels,
             client_keys=[client_key, *asyncssh_server.load_public_keys(client_keys)],
         )
         acceptor = _asyncssh_loop.run(asyncssh_server.start_server(config, _asyncssh_host_key))
@@ -248,10 +256,10 @@ def asyncssh_sftp(sftp_server_factory: Callable[..., SftpServerInfo]) -> SftpSer
 # --- OpenSSH sshd ------------------------------------------------------------------
 
 
-def _sshd_unavailable(reason: str) -> None:
-    """Skip on a laptop without sshd/root; in CI a missing server is a failure."""
+def _server_unavailable(reason: str, server: str = "OpenSSH sshd") -> None:
+    """Skip on a laptop without the server/root; in CI a missing server is a failure."""
     if os.environ.get("CI"):
-        pytest.fail(f"OpenSSH sshd is required in CI: {reason}")
+        pytest.fail(f"{server} is required in CI: {reason}")
     pytest.skip(reason)
 
 
@@ -294,9 +302,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
 def openssh_sftp() -> Iterator[SftpServerInfo]:
     """A throwaway sshd on a free loopback port, chrooted, with its own local user."""
     if not SSHD.exists():
-        _sshd_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
+        _server_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
     if os.geteuid() != 0:
-        _sshd_unavailable("the sshd fixture needs root (useradd, chroot)")
+        _server_unavailable("the sshd fixture needs root (useradd, chroot)")
     with run_openssh() as info:
         yield info
 
@@ -385,6 +393,104 @@ def run_openssh() -> Iterator[SftpServerInfo]:
                 proc.stderr.close()
         subprocess.run(["userdel", user], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- OpenSSH with a full or read-only outbox ---------------------------------------------
+
+MOUNT_KINDS = ("full", "read_only")
+
+
+@pytest.fixture
+def openssh_mounted_outbox(
+    openssh_sftp: SftpServerInfo,
+) -> Iterator[Callable[..., SftpServerInfo]]:
+    """``factory(kind="full", *, size="16k")``: the ``openssh_sftp`` server with a tmpfs
+    mounted inside its chroot as the outbox (``/<mount>/`` with ``sent/`` in it).
+
+    ``full``: a tmpfs of ``size`` bytes, so writes soon fail with ENOSPC; ``read_only``:
+    the tmpfs remounted read-only (EROFS). Real kernel errors, reported by the real
+    sftp-server. Skipped with the reason where mounting is not permitted (containers
+    without CAP_SYS_ADMIN); unmounted at teardown.
+    """
+    import pwd
+
+    assert openssh_sftp.root is not None
+    chroot = openssh_sftp.root
+    user = pwd.getpwnam(openssh_sftp.user)
+    mounts: list[Path] = []
+
+    def mount(*args: str) -> None:
+        try:
+            subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command here: cannot build a full or read-only outbox")
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"mount is not permitted here ({exc.stderr.strip() or exc})")
+
+    def start(kind: str = "full", *, size: str = "16k") -> SftpServerInfo:
+        if kind not in MOUNT_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; one of {', '.join(MOUNT_KINDS)}")
+        name = f"{kind}-{secrets.token_hex(4)}"
+        point = chroot / name
+        point.mkdir(mode=0o755)
+        options = f"size={size},mode=0755,uid={user.pw_uid},gid={user.pw_gid}"
+        try:
+            mount("-t", "tmpfs", "-o", options, "erp-push-test", str(point))
+        except BaseException:
+            point.rmdir()
+            raise
+        mounts.append(point)
+        (point / "sent").mkdir(mode=0o755)
+        shutil.chown(point / "sent", user.pw_uid, user.pw_gid)
+        if kind == "read_only":
+            mount("-o", "remount,ro", str(point))
+        return replace(openssh_sftp, outbox=f"/{name}", sent=f"/{name}/sent")
+
+    yield start
+
+    for point in reversed(mounts):
+        # Lazy: a session the test left open may still hold the folder.
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        with contextlib.suppress(OSError):
+            point.rmdir()
+
+
+# --- ProFTPD mod_sftp ----------------------------------------------------------------
+
+
+@pytest.fixture
+def proftpd_factory() -> Iterator[Callable[..., SftpServerInfo]]:
+    """Start ProFTPD servers: ``factory(variant="normal")``, one process per call, each
+    with its own root holding ``/outbox`` and ``/outbox/sent``; variants in
+    ``proftpd_server.VARIANTS``. Skipped without proftpd/root, a failure in CI."""
+    reason = proftpd_server.unavailable_reason()
+    if reason is not None:
+        _server_unavailable(reason, "ProFTPD")
+    with contextlib.ExitStack() as stack:
+
+        def start(variant: str = "normal") -> SftpServerInfo:
+            server = stack.enter_context(proftpd_server.run_proftpd(variant))
+            known_hosts = server.base / "known_hosts"
+            line = asyncssh_server.known_hosts_line("127.0.0.1", server.port, server.host_key)
+            known_hosts.write_text(line + "\n")
+            return SftpServerInfo(
+                kind="proftpd",
+                host="127.0.0.1",
+                port=server.port,
+                user=server.user,
+                password=server.password,
+                root=server.root,
+                host_key_sha256=server.host_key.get_fingerprint("sha256"),
+                known_hosts_path=known_hosts,
+                client_key_path=server.client_key_path,
+            )
+
+        yield start
+
+
+@pytest.fixture
+def proftpd_sftp(proftpd_factory: Callable[..., SftpServerInfo]) -> SftpServerInfo:
+    return proftpd_factory()
 
 
 # --- pytest-sftpserver ---------------------------------------------------------------

@@ -522,3 +522,28 @@ def test_a_run_stalled_past_its_lease_never_publishes_its_tmp(
     assert "lease" in (outcome.message or "")
     assert server.listdir(server.outbox) == []  # no file, no tmp
     assert sandbox.control.statuses()[token] == 92  # still leased; it comes back later
+
+
+def test_a_run_stops_at_max_run_seconds_with_the_rest_pending(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """A slow Nuntiq cannot keep a cron run going into the next one: past the deadline
+    nothing is claimed or started; what was in flight finishes its steps."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(40)
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 300}])
+    settings = make_settings(
+        server, config={"max_run_seconds": 1, "concurrency": 2, "batch_size": 4}
+    )
+
+    report = push(settings, drain=True)
+
+    assert any("max_run_seconds" in note for note in report.notes)
+    assert 0 < report.claimed < 40
+    statuses = sandbox.control.statuses()
+    assert 97 not in statuses.values()
+    delivered = [o for o in report.outcomes if o.result is Result.DELIVERED]
+    assert len(delivered) == sum(1 for t in tokens if statuses[t] == 100)
+    # Nothing half done: every file that landed belongs to a finished invoice.
+    assert len([p for p in server.files() if p.endswith(".csv")]) == len(delivered)
+    assert not [n for n in server.listdir(server.outbox) if n.endswith(".tmp")]

@@ -707,14 +707,16 @@ class Pusher:
 
     def _why_stop_claiming(self, queue_empty: bool, budget: int | None) -> str | None:
         """None while the run should claim more; else why it stops (a note, or "")."""
-        if self._stop is not None or queue_empty or self._drain_stuck:
-            return ""
-        if budget is not None and self.report.claimed >= budget:
+        if self._stop is not None:
             return ""
         if self.health.refusing is not None:
             # The server refuses writes (full disk, permissions, no rename): the invoices
             # it refused failed, each with its code; more would only fail the same way.
             return f"stopped claiming: {self.health.refusing}"
+        if queue_empty or self._drain_stuck:
+            return ""
+        if budget is not None and self.report.claimed >= budget:
+            return ""
         if time.monotonic() >= self._deadline:
             return (
                 f"stopped claiming: the run reached max_run_seconds "

@@ -325,6 +325,7 @@ def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
     if channel is None:
         raise paramiko.SSHException("the server refused an SFTP channel")
     channel.settimeout(options.connect_timeout)  # the version exchange reads with this
+
     def give_up() -> None:
         # Runs in the timer's thread: a connection that died meanwhile must not raise there.
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):

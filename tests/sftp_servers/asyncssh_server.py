@@ -95,6 +95,7 @@ class ServerConfig:
     password: str
     quirk: str = "normal"
     hardlink: bool = True
+    statvfs: bool = True  # False: statvfs@openssh.com is listed but fails (no way to ask)
     disk_full_after: int = 16  # disk_full, disk_full_generic: bytes taken before ENOSPC
     max_channels: int = 10  # channel_limit: channels open at once on one connection
     drop_after: int = 1  # drop_after_rename: cut the connection at this publish (once)
@@ -302,6 +303,8 @@ class QuirkyServer(asyncssh.SFTPServer):
         return real
 
     def statvfs(self, path: bytes) -> object:
+        if not self._config.statvfs:
+            raise asyncssh.SFTPOpUnsupported("statvfs not supported")
         return self._vfs(os.statvfs(self._local(path)))
 
     def fstatvfs(self, file_obj: object) -> object:

@@ -203,6 +203,7 @@ def sftp_server_factory(
         client_keys: tuple[Path, ...] | list[Path] = (),
         drop_after: int = 1,
         max_channels: int = 10,
+        statvfs: bool = True,
     ) -> SftpServerInfo:
         base = tmp_path_factory.mktemp(f"asyncssh-{quirk}")
         root = base / "root"
@@ -218,6 +219,7 @@ def sftp_server_factory(
             disk_full_after=disk_full_after,
             drop_after=drop_after,
             max_channels=max_channels,
+            statvfs=statvfs,
             client_keys=[client_key, *asyncssh_server.load_public_keys(client_keys)],
         )
         acceptor = _asyncssh_loop.run(asyncssh_server.start_server(config, _asyncssh_host_key))

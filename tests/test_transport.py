@@ -726,3 +726,28 @@ def test_a_fresh_file_costs_four_round_trips_whatever_the_folders_hold(
     assert info.requests["list"] == 0
     per_file = 2 * (publishing.LOOKBACK_DAYS + 1) + 1 + 2 + 2 + 2
     assert sum(info.requests.values()) == 5 * per_file
+
+
+def test_an_identical_file_is_looked_for_up_to_lookback_days_back(server: SftpServerInfo) -> None:
+    """The bound of the "identical file on any day" search (README, limits): a file dated
+    LOOKBACK_DAYS before the push proves delivery; one a day older is not looked for."""
+    days = publishing.LOOKBACK_DAYS
+    assert days < 9  # the dates below stay within January
+    today = "20260110"
+    file = rendered(name=f"ABC-{today}.csv")
+    seen_day = f"202601{10 - days:02d}"
+    server.write(f"{server.sent}/ABC-{seen_day}.csv", BODY)
+
+    assert publish(server, file) == Delivery(
+        remote_path=f"{server.sent}/ABC-{seen_day}.csv", already_delivered=True
+    )
+
+    server.clear()
+    unseen_day = f"202601{10 - days - 1:02d}"
+    server.write(f"{server.sent}/ABC-{unseen_day}.csv", BODY)
+
+    delivery = publish(server, file)
+
+    assert delivery == Delivery(
+        remote_path=f"{server.outbox}/{file.file_name}", already_delivered=False
+    )

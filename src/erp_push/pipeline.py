@@ -136,15 +136,26 @@ class SessionPool:
     Sessions are opened lazily, so a run that has nothing to upload never logs in. Extra
     workers get their own SFTP channel on an existing login, at most ``max_channels`` per
     login (servers cap channels per connection, and ProFTPD drops the whole connection
-    on one too many); beyond that another login is opened.
+    on one too many); beyond that another login is opened, one at a time. A server that
+    will not take another login (OpenSSH's MaxStartups drops connections that arrive in
+    a burst) caps the pool at the logins it has: workers then wait for a free session.
     """
 
-    def __init__(self, connect: Callable[[], SftpSession], max_channels: int = 10) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], SftpSession],
+        max_channels: int = 10,
+        *,
+        login_retry_delay: float = 1.0,
+    ) -> None:
         self._connect = connect
         self._max_channels = max_channels
+        self._login_retry_delay = login_retry_delay
         self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
         self._all: list[SftpSession] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _all and _capped
+        self._opening = threading.Lock()  # one channel or login opened at a time
+        self._capped = False  # the server refused another login: make do with these
         self._traits: ServerTraits | None = None
 
     @property
@@ -159,7 +170,7 @@ class SessionPool:
 
     @contextmanager
     def session(self) -> Iterator[SftpSession]:
-        session = self._take_idle() or self._open()
+        session = self._acquire()
         try:
             yield session
         except SftpError:
@@ -170,17 +181,6 @@ class SessionPool:
             raise
         else:
             self._idle.put(session)
-
-    def _take_idle(self) -> SftpSession | None:
-        """An idle session whose connection still lives (channels die with it)."""
-        while True:
-            try:
-                session = self._idle.get_nowait()
-            except queue.Empty:
-                return None
-            if session.connected:
-                return session
-            self._discard(session)
 
     def warm_up(self) -> None:
         """Open one session now, so an unreachable server is found before claiming more."""
@@ -194,68 +194,84 @@ class SessionPool:
         for session in sorted(sessions, key=lambda session: session.owns_connection):
             session.close()
 
-    def _open(self) -> SftpSession:
-        # Extra workers get their own SFTP channel on an existing connection: one SSH
-        # login per max_channels workers, not one per worker (servers limit logins, and
-        # each costs ~0.2 s).
-        with self._lock:
-            base = next(
-                (
-                    s
-                    for s in self._all
-                    if s.owns_connection
-                    and s.connected
-                    and sum(1 for o in self._all if o.same_connection(s)) < self._max_channels
-                ),
-                None,
-            )
-            if base is not None:
-                # Count the channel before opening it, so two workers cannot both take
-                # the last free slot of a connection.
-                placeholder = _Reserved(base)
-                self._all.append(placeholder)  # type: ignore[arg-type]
-        session: SftpSession | None = None
-        if base is not None:
+    def _acquire(self) -> SftpSession:
+        while True:
+            session = self._take_idle()
+            if session is not None:
+                return session
+            with self._opening:
+                session = self._take_idle()  # one may have come back while we waited
+                if session is not None:
+                    return session
+                session = self._open()
+            if session is not None:
+                return session
+            # Capped: every session is busy; one comes back when its file is done.
             try:
-                session = base.open_channel()
+                session = self._idle.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if session.connected:
+                return session
+            self._discard(session)
+
+    def _take_idle(self) -> SftpSession | None:
+        """An idle session whose connection still lives (channels die with it)."""
+        while True:
+            try:
+                session = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if session.connected:
+                return session
+            self._discard(session)
+
+    def _open(self) -> SftpSession | None:
+        """A new channel on a login with room, else a new login; None when capped."""
+        with self._lock:
+            logins = [s for s in self._all if s.owns_connection and s.connected]
+            roomy = [
+                login
+                for login in logins
+                if sum(1 for s in self._all if s.same_connection(login)) < self._max_channels
+            ]
+            capped = self._capped
+        session: SftpSession | None = None
+        if roomy:
+            try:
+                session = roomy[0].open_channel()
             except SftpUnreachable as exc:
                 log.info("%s; opening another connection", exc)
-            finally:
-                with self._lock:
-                    self._all.remove(placeholder)  # type: ignore[arg-type]
         if session is None:
-            session = self._connect()
+            if capped and logins:
+                return None
+            session = self._login(have_others=bool(logins))
+            if session is None:
+                return None
         with self._lock:
             self._all.append(session)
         return session
+
+    def _login(self, *, have_others: bool) -> SftpSession | None:
+        if not have_others:
+            return self._connect()  # the first login: its failure is the run's
+        for attempt in (1, 2):
+            try:
+                return self._connect()
+            except SftpUnreachable as exc:
+                # The server is up (we hold a login): it is refusing a burst of them.
+                log.info("another SFTP login was refused (%s); attempt %d", exc, attempt)
+                time.sleep(self._login_retry_delay * attempt)
+        with self._lock:
+            self._capped = True
+        log.info("the SFTP server takes no more logins; sharing the sessions already open")
+        return None
 
     def _discard(self, session: SftpSession) -> None:
         with self._lock:
             if session in self._all:
                 self._all.remove(session)
         session.close()
-
-
-class _Reserved:
-    """A channel slot being opened on ``base``'s connection (counts toward its cap)."""
-
-    owns_connection = False
-
-    def __init__(self, base: SftpSession) -> None:
-        self._base = base
-
-    def same_connection(self, other: SftpSession) -> bool:
-        return self._base.same_connection(other)
-
-    @property
-    def connected(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        return None
-
-
-# --- one invoice ----------------------------------------------------------------------
 
 
 class ServerHealth:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import ExitStack
 
 from erp_push.errors import SftpOperationError
@@ -78,4 +80,40 @@ def test_never_more_channels_on_a_login_than_allowed(asyncssh_sftp: SftpServerIn
         per_login = [sum(1 for s in sessions if s.same_connection(login)) for login in logins]
     assert len(logins) == 3
     assert sorted(per_login) == [1, 3, 3]
+    pool.close()
+
+
+def test_a_server_refusing_more_logins_caps_the_pool_instead_of_failing(
+    asyncssh_sftp: SftpServerInfo,
+) -> None:
+    """OpenSSH's MaxStartups drops logins that arrive in a burst: with one login held,
+    a refused second one means "share what we have", not "the server is down"."""
+    from erp_push.errors import SftpUnreachable
+
+    logins: list[SftpSession] = []
+
+    def connect() -> SftpSession:
+        if logins:  # the server takes this client's first login only
+            raise SftpUnreachable("cannot reach sftp: Error reading SSH protocol banner")
+        session = SftpSession.connect(asyncssh_sftp.options())
+        logins.append(session)
+        return session
+
+    pool = SessionPool(connect, max_channels=1, login_retry_delay=0.01)
+    with pool.session() as first:
+        pass
+    handed: list[SftpSession] = []
+
+    def worker() -> None:
+        with pool.session() as session:
+            handed.append(session)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(handed) == 3 and all(s is first for s in handed)  # all shared the one
+    assert len(logins) == 1
     pool.close()

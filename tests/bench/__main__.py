@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="median of K runs of each")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument(
+        "--markdown", action="store_true", help="print the table as Markdown (for the README)"
+    )
+    parser.add_argument(
         "--timeout", type=float, default=300, help="kill a child run after S seconds (✗)"
     )
     parser.add_argument(
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "from spawn to exit of the child, start-up and login included, for erp-push and "
         "paramiko alike. Rerun: make bench (or python -m tests.bench --help)."
     )
-    report.print_report(rows, swept, runs, title, note)
+    report.print_report(rows, swept, runs, title, note, as_markdown=args.markdown)
     if args.json is not None:
         report.write_json(
             args.json,
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "timeout_s": args.timeout,
                     "config": config,
                     "sweep": levels,
+                    "markdown": args.markdown,
                 },
                 "sizes": sizes.__dict__,
                 "machine": machine,

@@ -49,11 +49,33 @@ def table(rows: list[Row], title: str) -> Table:
     return t
 
 
+def markdown(rows: list[Row]) -> str:
+    """The table as Markdown, for the README's Speed section."""
+    lines = ["| scenario | measured | reference | ratio | target | |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = "" if r.ok is None else "✓" if r.ok else "✗"
+        reference = _fmt(r.reference, r.reference_label) if r.reference is not None else "—"
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}×"
+        cells = [r.label, _fmt(r.measured, r.unit), reference, ratio, r.target, mark]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_report(
-    rows: list[Row], sweep: list[dict[str, Any]], runs: list[Run], title: str, note: str
+    rows: list[Row],
+    sweep: list[dict[str, Any]],
+    runs: list[Run],
+    title: str,
+    note: str,
+    *,
+    as_markdown: bool = False,
 ) -> None:
-    console = Console(highlight=False)
-    if rows:
+    # Piped or redirected, rich would wrap at 80 columns; the table wants ~130.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    if rows and as_markdown:
+        console.print(title, markup=False)
+        console.print(markdown(rows), markup=False, soft_wrap=True)
+    elif rows:
         console.print(table(rows, title))
         for r in rows:
             if r.problem:

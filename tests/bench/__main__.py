@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.bench import report
 from tests.bench.rig import Rig, RigError
 from tests.bench.scenarios import FULL, QUICK, SCENARIOS, Bench, Row, sweep
@@ -99,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                 rig.log("warm-up (not counted):")
                 rig.reference(5, None)
             for name in chosen:
-                rows.extend(SCENARIOS[name](bench))
+                try:
+                    rows.extend(SCENARIOS[name](bench))
+                except (RigError, OSError, httpx.HTTPError, RuntimeError) as e:
+                    # One broken scenario (a server died, a folder could not be made) is
+                    # a ✗ row with the reason; the others still run.
+                    rig.log(f"{name}: could not run: {e}")
+                    rows.append(
+                        Row(name, name, None, "", "—", False, problem=f"could not run: {e}")
+                    )
             if levels:
                 swept = sweep(bench, levels, [None, 10.0])
             runs = bench.runs

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -148,17 +149,10 @@ def run_child(argv: list[str], env: dict[str, str], timeout: float) -> _Child:
         )
 
 
-def _cpu_s(pid: int, *, children: bool = False) -> float:
-    """utime + stime of a process (all its threads), plus its reaped children's."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the ")": state is fields[0], so utime (14th in `man proc`) is fields[11].
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / CLOCK_TICKS
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads)."""
+    stat = _stat(pid)
+    return stat[2] / CLOCK_TICKS if stat else 0.0
 
 
 def _machine_busy_s() -> float:
@@ -169,14 +163,80 @@ def _machine_busy_s() -> float:
     return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / CLOCK_TICKS
 
 
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
+def _stat(pid: int | str) -> tuple[int, int, int] | None:
+    """(ppid, start time, utime + stime ticks) of a live process, or None."""
+    # After the ")" the state is fields[0], so `man proc`'s field n is fields[n - 3].
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12])
+
+
+class TreeCpu(threading.Thread):
+    """CPU seconds of a process and all its descendants, dead ones included, sampled.
+
+    Why sampling: sshd's session processes are not always reaped by the listening sshd
+    (on a clean logout the monitor can exit before the user's session process, which is
+    then reaped by init), so the listener's ``cutime`` misses most of the server's work.
+    Each process's CPU is read every ``interval`` while it lives; what it spends in its
+    last ``interval`` is missed. Only new pids and the tree's own are read each tick.
+    """
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        super().__init__(name="sshd-cpu", daemon=True)
+        self.root = root
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._tree: dict[tuple[int, int], int] = {}  # (pid, start) -> last ticks seen
+        self._members: dict[int, int] = {}  # live pid -> start time
+        self._unrelated: set[int] = set()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def sample(self) -> None:
+        with self._lock:
+            pids = {int(e.name) for e in os.scandir("/proc") if e.name.isdigit()}
+            self._unrelated &= pids
+            fresh: dict[int, tuple[int, int, int]] = {}
+            for pid in pids - self._unrelated:
+                stat = _stat(pid)
+                if stat is not None:
+                    fresh[pid] = stat
+            members = {self.root}
+            changed = True
+            while changed:  # a new child and its new parent can appear in the same tick
+                changed = False
+                for pid, (ppid, _, _) in fresh.items():
+                    if pid not in members and ppid in members:
+                        members.add(pid)
+                        changed = True
+            for pid, (_, start, ticks) in fresh.items():
+                if pid in members:
+                    if pid != self.root:
+                        self._tree[(pid, start)] = ticks
+                else:
+                    self._unrelated.add(pid)
+
+    def has_children(self) -> bool:
+        self.sample()
+        with self._lock:
+            return any(
+                (st := _stat(pid)) is not None and st[0] == self.root for pid, _ in self._tree
+            )
+
+    def cpu_s(self) -> float:
+        self.sample()
+        with self._lock:
+            own = _stat(self.root)
+            ticks = sum(self._tree.values()) + (own[2] if own else 0)
+        return ticks / CLOCK_TICKS
 
 
 def _sshd_pid(config: Path) -> int:
@@ -241,7 +301,9 @@ class Rig:
         self.sftp: SftpServerInfo = self._stack.enter_context(run_openssh())
         assert self.sftp.root is not None
         self.chroot: Path = self.sftp.root
-        self.sshd_pid = _sshd_pid(self.chroot.parent / "sshd_config")
+        self.sshd_cpu = TreeCpu(_sshd_pid(self.chroot.parent / "sshd_config"))
+        self.sshd_cpu.start()
+        self._stack.callback(self.sshd_cpu.stop)
         self.control = self._stack.enter_context(SandboxControl(self.base_url, API_KEY))
 
     @contextlib.contextmanager
@@ -316,7 +378,7 @@ class Rig:
         cpu = {
             "machine": _machine_busy_s(),
             "sandbox": _cpu_s(self.sandbox.pid),
-            "sshd": _cpu_s(self.sshd_pid, children=True),
+            "sshd": self.sshd_cpu.cpu_s(),
         }
         if route.proxy_pid is not None:
             cpu["proxy"] = _cpu_s(route.proxy_pid)
@@ -325,9 +387,9 @@ class Rig:
     def _cpu_since(
         self, route: _Route, before: dict[str, float], child_cpu_s: float
     ) -> dict[str, float]:
-        # A session's CPU reaches the listening sshd when the session is reaped: wait for it.
+        # Let the run's SSH sessions end, so that what they spent is in.
         deadline = time.monotonic() + 2
-        while _children_of(self.sshd_pid) and time.monotonic() < deadline:
+        while self.sshd_cpu.has_children() and time.monotonic() < deadline:
             time.sleep(0.02)
         after = self._server_cpu(route)
         spent = {k: after[k] - before[k] for k in before}

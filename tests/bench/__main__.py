@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json: no folder {args.json.parent}")
     chosen = [s for s in args.only.split(",") if s] if args.only else list(SCENARIOS)
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown:
@@ -137,29 +139,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.print_report(rows, swept, runs, title, note, as_markdown=args.markdown)
     if args.json is not None:
-        report.write_json(
-            args.json,
-            {
-                "bench": "erp-push",
-                "started_at": started_at.isoformat(),
-                "duration_s": round(duration, 1),
-                "options": {
-                    "quick": args.quick,
-                    "only": chosen,
-                    "repeat": args.repeat,
-                    "timeout_s": args.timeout,
-                    "config": config,
-                    "sweep": levels,
-                    "markdown": args.markdown,
-                },
-                "sizes": sizes.__dict__,
-                "machine": machine,
-                "contention": round(report.contention(runs), 3),
-                "rows": [r.to_dict() for r in rows],
-                "sweep": swept,
-                "runs": [r.to_dict() for r in runs],
+        document: dict[str, Any] = {
+            "bench": "erp-push",
+            "started_at": started_at.isoformat(),
+            "duration_s": round(duration, 1),
+            "options": {
+                "quick": args.quick,
+                "only": chosen,
+                "repeat": args.repeat,
+                "timeout_s": args.timeout,
+                "config": config,
+                "sweep": levels,
+                "markdown": args.markdown,
             },
-        )
+            "sizes": sizes.__dict__,
+            "machine": machine,
+            "contention": round(report.contention(runs), 3),
+            "rows": [r.to_dict() for r in rows],
+            "sweep": swept,
+            "runs": [r.to_dict() for r in runs],
+        }
+        try:
+            report.write_json(args.json, document)
+        except OSError as e:
+            print(f"bench: cannot write {args.json}: {e.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -4,7 +4,7 @@
     (the password comes in the environment, BENCH_SFTP_PASSWORD, never on a command line)
 
 One SSH connection, one SFTP channel, strictly sequential: for each file open a tmp name,
-write ~200 bytes (an invoice file's size), close, rename to the final name. That is the
+write ~120 bytes (a rendered sandbox invoice is 107-117), close, rename to the final name. That is the
 least any safe publisher must do per file (4 round trips), so it is what one connection
 can do at best without pipelining. The host key is verified like erp-push verifies it.
 Prints one JSON line: ``{"files": N, "loop_s": ...}``, the time from the first open to
@@ -21,7 +21,7 @@ import time
 
 import paramiko
 
-# The size and shape of a rendered invoice file (BOM, header, one row).
+# The size and shape of a rendered invoice file (BOM, header, one row): 123 bytes.
 BODY = (
     "\ufeffinvoice_number\tdate\tcurrency\ttotal\tsupplier_code\tline_count\n"
     "INV-{i:06d}\t2026-05-09\tEUR\t1234.56\tACME-SUPPLIES-GMBH-0001\t7\n"

@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8765
 SANDBOX_API_KEY ?= sandbox-key
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test demo sandbox lint bench clean
@@ -35,8 +36,8 @@ lint: venv ## ruff and mypy (strict) on the package
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-bench: venv ## Measure push throughput against local servers (not a test)
-	$(BIN)/python -m tests.bench
+bench: venv ## Measure erp-push beside a bare paramiko loop (needs root + sshd; BENCH_ARGS=--quick)
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

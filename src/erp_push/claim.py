@@ -162,6 +162,10 @@ class NuntiqClient:
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
             transport=transport,
+            # Every request goes to base_url, and plain http is only allowed on loopback
+            # (wire.base_url_problem): such a client never speaks TLS, so it skips loading
+            # the CA bundle (a third of an idle run's own time).
+            verify=not self.base_url.startswith("http://"),
         )
 
     def __repr__(self) -> str:

@@ -35,7 +35,9 @@ MoneyText = Annotated[str | None, BeforeValidator(_money_as_text)]
 class Model(BaseModel):
     """Base for every payload: keep unknown fields (forward compatible), never fail on them."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    # defer_build: a schema is built when first used, so a run pays only for the payloads
+    # it meets (an idle run: the claim reply and the delta stream), not all at import.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, defer_build=True)
 
 
 # --- claim ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
@@ -48,7 +49,9 @@ from erp_push.journal import Entry, Journal, Step
 from erp_push.models import Lease
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
-from erp_push.transport import Delivery, SftpSession
+
+if TYPE_CHECKING:
+    from erp_push.transport import Delivery, SftpSession
 
 log = logging.getLogger("erp_push.pipeline")
 

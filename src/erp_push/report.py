@@ -10,14 +10,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from erp_push import wire
 from erp_push.errors import ErpPushError, ExitCode
 from erp_push.models import IntegrationResult
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
@@ -125,6 +125,10 @@ class RunReport:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def render_table(self, console: Console) -> None:
+        # rich only here, when a table is drawn: an idle run never imports it.
+        from rich.markup import escape
+        from rich.table import Table
+
         shown = self.outcomes
         if len(shown) > FULL_TABLE_MAX:
             # On long runs the delivered invoices would bury the few that need attention.
@@ -146,15 +150,15 @@ class RunReport:
                     Result.PENDING: "yellow",
                 }[o.result]
                 detail = o.remote_path or f"{o.failure_code or ''} {o.message or ''}".strip()
-                table.add_row(
-                    o.invoice_number or o.invoice_token,
+                table.add_row(  # server text is shown as it is, never read as markup
+                    escape(o.invoice_number or o.invoice_token),
                     f"[{style}]{o.result.value}[/{style}]",
-                    detail,
+                    escape(detail),
                 )
             console.print(table)
         console.print(self.summary_line())
         for note in self.notes:
-            console.print(f"[dim]note:[/dim] {note}")
+            console.print(f"[dim]note:[/dim] {escape(note)}")
 
     def summary_line(self) -> str:
         if not self.outcomes and self.error is None:

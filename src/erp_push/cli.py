@@ -55,6 +55,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+log = logging.getLogger("erp_push.cli")
+
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in erp-push; unfinished invoices are in the journal
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 TERMINATED = 143  # 128 + SIGTERM, as a shell reports `kill`, `timeout` or `systemctl stop`
@@ -268,9 +270,12 @@ def _traceback(exc: BaseException) -> None:
 
 
 def _settings(path: Path | None, needs: set[Need]) -> Settings:
-    from erp_push.settings import load_settings
+    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
 
-    return _guarded(lambda: load_settings(path, needs=needs))
+    settings = _guarded(lambda: load_settings(path, needs=needs))
+    # Which file a run read is the first question when it does not do what was expected.
+    log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
+    return settings
 
 
 # --- push -----------------------------------------------------------------------------

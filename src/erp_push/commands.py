@@ -7,6 +7,7 @@ and builds real ones from settings only when none are passed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
     from erp_push.transport import RemoteFile, SftpOptions, SftpSession
+
+log = logging.getLogger("erp_push.commands")
 
 # Dry-run has to claim to look (the contract has no list endpoint); the shortest TTL
 # Nuntiq allows keeps the invoices away from real pushes for as short a time as possible.
@@ -125,6 +128,16 @@ def push(
     on_claimed: Callable[[int], None] | None = None,
 ) -> RunReport:
     """One push run: recover what earlier runs left, then claim and deliver."""
+    cfg = settings.config
+    log.info(
+        "push: Nuntiq %s, SFTP %s@%s:%s %s, journal %s",
+        cfg.nuntiq_base_url,
+        cfg.sftp_user,
+        cfg.sftp_host,
+        cfg.sftp_port,
+        cfg.remote_outbox,
+        cfg.state_dir,
+    )
     client = nuntiq or nuntiq_client(settings)
     journal = Journal(Path(settings.config.state_dir))
     try:

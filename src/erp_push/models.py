@@ -35,9 +35,10 @@ MoneyText = Annotated[str | None, BeforeValidator(_money_as_text)]
 class Model(BaseModel):
     """Base for every payload: keep unknown fields (forward compatible), never fail on them."""
 
-    # defer_build: a schema is built when first used, so a run pays only for the payloads
-    # it meets (an idle run: the claim reply and the delta stream), not all at import.
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, defer_build=True)
+    # Schemas are built at import (no defer_build): the first validation happens in the
+    # pipeline's worker threads, and a deferred build racing there is only safe from
+    # pydantic 2.14 on (its rebuild lock).
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
 
 # --- claim ----------------------------------------------------------------------------

@@ -202,8 +202,6 @@ def _configure_logging(*, verbose: bool, debug: bool) -> None:
     for name in LIBRARY_LOGGERS:
         # Above CRITICAL: without --debug their records are not even made.
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
-    # Python warnings (a library's deprecation notice) are records too, under py.warnings.
-    logging.captureWarnings(True)
 
 
 # --- the one error boundary -----------------------------------------------------------

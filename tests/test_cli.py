@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -218,3 +227,239 @@ def test_every_test_the_readme_cites_exists() -> None:
     cited = set(re.findall(r"\b(test_\w+)`", README.read_text()))
     assert cited, "the README cites no tests"
     assert cited <= defined, sorted(cited - defined)
+
+
+# --- global options on both sides of the command --------------------------------------------
+
+GLOBAL_PLACEMENTS = {
+    "before": lambda cmd, opts: [*opts, cmd],
+    "after": lambda cmd, opts: [cmd, *opts],
+}
+
+
+@pytest.mark.parametrize("placement", GLOBAL_PLACEMENTS)
+@pytest.mark.parametrize("command", ["push", "dry-run"])
+def test_global_options_work_before_and_after_the_command(
+    placement: str,
+    command: str,
+    sandbox: Sandbox,
+    asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+) -> None:
+    """`erp-push --settings s.json dry-run` and `erp-push dry-run --settings s.json` (rclone
+    style); --verbose shows which settings file was read, wherever it is written."""
+    settings = str(make_settings(asyncssh_sftp))
+    args = GLOBAL_PLACEMENTS[placement](command, ["--settings", settings, "--verbose"])
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"[INFO] erp_push.cli: settings: {settings}" in result.stderr
+    assert "Nothing to push" in result.stderr
+
+    quiet = run_cli(*GLOBAL_PLACEMENTS[placement](command, ["-s", settings]))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "[INFO]" not in quiet.stderr
+
+
+@pytest.mark.parametrize("placement", GLOBAL_PLACEMENTS)
+def test_debug_works_before_and_after_the_command(
+    placement: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    settings = str(make_settings(asyncssh_sftp))
+    result = run_cli(*GLOBAL_PLACEMENTS[placement]("push", ["--settings", settings, "--debug"]))
+    assert result.returncode == 0, result.stderr
+    assert "[DEBUG] httpcore" in result.stderr  # --debug lets the libraries speak
+
+
+def test_the_option_after_the_command_wins(
+    tmp_path: Path, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    good, missing = str(make_settings(asyncssh_sftp)), str(tmp_path / "missing.json")
+    env = {**os.environ, "ERP_PUSH_SETTINGS": missing}
+
+    assert run_cli("--settings", missing, "push", "--settings", good).returncode == 0
+    refused = run_cli("--settings", good, "push", "--settings", missing)
+    assert refused.returncode == ExitCode.SETTINGS and "missing.json" in refused.stderr
+    # a --settings on the command line, on either side, beats ERP_PUSH_SETTINGS
+    assert run_cli("push", "--settings", good, env=env).returncode == 0
+    assert run_cli("--settings", good, "push", env=env).returncode == 0
+    from_env = run_cli("push", env={**os.environ, "ERP_PUSH_SETTINGS": good})
+    assert from_env.returncode == 0, from_env.stderr
+
+
+# --- library log records stay out of stderr without --debug -------------------------------
+
+
+@contextmanager
+def silent_listener() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word (a hung sshd)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_server_that_never_speaks_ssh_is_one_error_line(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """paramiko logs a failed handshake as a 20-line ERROR traceback from its own thread:
+    not without --debug (not even with --verbose), which shows it."""
+    sandbox.control.seed(3)  # each run leases one, to find out the server is down
+    with silent_listener() as port:
+        settings = str(
+            make_settings(
+                asyncssh_sftp, config={"sftp_port": port, "sftp_connect_timeout_seconds": 1}
+            )
+        )
+        plain = run_cli("push", "--settings", settings)
+        verbose = run_cli("push", "--settings", settings, "--verbose")
+        debug = run_cli("push", "--settings", settings, "--debug")
+    for result in (plain, verbose):
+        assert result.returncode == ExitCode.SFTP, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "paramiko" not in result.stderr
+        # log records of anything but erp-push itself
+        assert not re.search(r"\[(DEBUG|INFO|WARNING|ERROR)\] (?!erp_push)", result.stderr)
+        (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert str(port) in error
+    assert debug.returncode == ExitCode.SFTP
+    assert "[ERROR] paramiko.transport: Traceback" in debug.stderr
+
+
+@pytest.mark.sshd
+def test_a_refused_channel_at_high_concurrency_prints_no_library_errors(
+    sandbox: Sandbox, openssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """OpenSSH refuses an 11th channel on one connection (MaxSessions 10); paramiko logs
+    "Secsh channel N open FAILED" at ERROR. A run that copes with it prints none of that."""
+    openssh_sftp.clear()
+    sandbox.control.seed(24)
+    settings = str(make_settings(openssh_sftp, config={"concurrency": 16}))
+    result = run_cli("push", "--settings", settings, "--drain")
+    assert result.returncode == 0, result.stderr
+    assert "24 delivered" in result.stderr
+    assert "[ERROR]" not in result.stderr and "open FAILED" not in result.stderr
+    assert "paramiko" not in result.stderr
+    assert len(openssh_sftp.files()) == 24
+    openssh_sftp.clear()
+
+
+# --- cleanup-tmp reports what it could not remove --------------------------------------------
+
+
+@pytest.mark.sshd
+def test_cleanup_tmp_reports_what_it_could_not_remove(
+    sandbox: Sandbox, openssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """A tmp file the server refuses to delete is listed as not removed (exit 1), never as
+    removed. Here: a sticky folder owned by root, holding one stale tmp file the SFTP user
+    owns (removable) and one it does not (OpenSSH answers "Permission denied")."""
+    assert openssh_sftp.root is not None
+    name = f"cleanup-{secrets.token_hex(4)}"
+    folder = openssh_sftp.local(f"{openssh_sftp.outbox}/{name}")
+    folder.mkdir()
+    folder.chmod(0o1777)
+    mine = f"{openssh_sftp.outbox}/{name}/INV-1-20260101.csv.0a1b2c3d.erp-push.tmp"
+    theirs = f"{openssh_sftp.outbox}/{name}/INV-2-20260101.csv.4e5f6a7b.erp-push.tmp"
+    old = time.time() - 3 * 3600
+    try:
+        for path in (mine, theirs):
+            openssh_sftp.write(path, b"data")
+            os.utime(openssh_sftp.local(path), (old, old))
+        shutil.chown(openssh_sftp.local(mine), openssh_sftp.user, openssh_sftp.user)
+        settings = str(
+            make_settings(openssh_sftp, config={"remote_outbox": f"{openssh_sftp.outbox}/{name}"})
+        )
+
+        listed = run_cli("cleanup-tmp", "--settings", settings, "--dry-run")
+        assert listed.returncode == 0, listed.stderr
+        assert f"would remove {mine}" in listed.stderr and f"would remove {theirs}" in listed.stderr
+
+        result = run_cli("cleanup-tmp", "--settings", settings, "--json")
+        assert result.returncode == ExitCode.SOME_FAILED, result.stderr
+        report = json.loads(result.stdout)
+        assert [f["path"] for f in report["stale"]] == [mine, theirs]
+        assert [f["path"] for f in report["removed"]] == [mine]
+        assert [f["path"] for f in report["not_removed"]] == [theirs]
+        assert "denied" in report["not_removed"][0]["error"].lower()
+        assert not openssh_sftp.exists(mine) and openssh_sftp.exists(theirs)
+
+        people = run_cli("cleanup-tmp", "--settings", settings)
+        assert people.returncode == ExitCode.SOME_FAILED
+        assert f"could not remove {theirs}: " in people.stderr
+        assert f"removed {theirs}" not in people.stderr
+        assert "0 stale tmp file(s) removed" in people.stderr
+        assert "1 could not be removed" in people.stderr
+    finally:
+        shutil.rmtree(folder)
+
+
+# --- SIGTERM: the run unwinds like Ctrl-C ---------------------------------------------------
+
+
+def test_sigterm_mid_run_unwinds_like_ctrl_c(
+    tmp_path: Path, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """systemd's stop or `timeout` mid-run: exit 143, the run lock released, the run recorded
+    as failed on the delta stream, and nothing lost (the next run finishes every invoice)."""
+    tokens = sandbox.control.seed(4)
+    settings = str(make_settings(asyncssh_sftp))
+    # GET answers after 2 s: the run is surely mid-invoice when the signal comes.
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 2000}])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "erp_push", "push", "--settings", settings, "--drain"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sandbox.control.request_counts().get("get", 0) == 0:
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the run never fetched an invoice"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+    assert child.returncode == 143, stderr
+    assert "terminated:" in stderr and "Traceback" not in stderr
+    assert list((tmp_path / "state" / "runs").iterdir()) == []  # the run lock is gone
+    from pydantic import SecretStr
+
+    from erp_push.claim import NuntiqClient
+
+    with NuntiqClient(sandbox.base_url, SecretStr(sandbox.api_key)) as client:
+        delta = client.delta_get("acme_erp_push", "pushed_invoices")
+    assert delta.status == "failed"
+    assert "Terminated" in str(delta.model_dump())
+
+    # Nothing lost: once any lease it held has lapsed, the next run finishes every invoice,
+    # each with exactly one file.
+    sandbox.control.clear_faults()
+    sandbox.control.advance_clock(601)
+    after = run_cli("push", "--settings", settings, "--drain")
+    assert after.returncode == 0, after.stderr
+    assert set(sandbox.control.statuses().values()) == {100}
+    files = asyncssh_sftp.files()
+    assert len(files) == len(tokens)
+    assert not [p for p in asyncssh_sftp.listdir(asyncssh_sftp.outbox) if p.endswith(".tmp")]

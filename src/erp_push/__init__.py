@@ -1,8 +1,6 @@
 """erp-push: move invoices from Nuntiq into an ERP's SFTP drop folder, exactly once."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("erp-push")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+# The one place the version is written: hatch reads it from here when building (see
+# pyproject.toml). Not importlib.metadata: that scans every installed distribution and
+# costs an idle cron run more than its HTTP calls.
+__version__ = "0.1.0"

@@ -2,38 +2,48 @@
 
 No HTTP or SFTP here. stdout carries data only (the `render` bytes, `--json` reports);
 everything meant for people (tables, progress, errors, logs) goes to stderr.
+
+Start-up is kept cheap, because cron runs `erp-push push` every few minutes and most of
+those runs find nothing to do: the commands (and with them pydantic, httpx and the
+journal) are imported when a command runs, the SSH library only when there is something
+to upload (see ``commands.sftp_connector``), and rich only when something is drawn (a
+table, a progress bar, colour on a terminal). ``tests/test_startup.py`` holds this.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from erp_push import __version__, commands
-from erp_push.errors import ErpPushError, ExitCode, SettingsError
-from erp_push.report import Outcome, RunReport
-from erp_push.settings import Need, Settings, load_settings
+from erp_push import __version__
+from erp_push.errors import ErpPushError, ExitCode
 from erp_push.text import json_safe, printable, printable_lines
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from erp_push.report import Outcome, RunReport
+    from erp_push.settings import Need, Settings
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all delivered; 1 some invoices failed (each was reported to Nuntiq) or "
     "were left for the next run; 2 usage error; 3 bad settings (nothing was done); "
     "4 Nuntiq unreachable or refusing; 5 SFTP server unreachable or refusing; "
-    "70 internal error (a bug)."
+    "70 internal error (a bug); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 
 app = typer.Typer(
@@ -46,18 +56,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-err = Console(stderr=True, soft_wrap=True)  # log lines stay whole in cron mail
+log = logging.getLogger("erp_push.cli")
+
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in erp-push; unfinished invoices are in the journal
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports `kill`, `timeout` or `systemctl stop`
 T = TypeVar("T")
 
+# The global options are accepted before and after the command (`erp-push --settings s.json
+# push` and `erp-push push --settings s.json`), as rclone does; given on both sides, the
+# one after the command wins. Only the global --settings reads ERP_PUSH_SETTINGS, so an
+# option on the command line always beats the environment.
+SETTINGS_HELP = (
+    "Settings file (JSON, seed layout; default ./settings.json, or ERP_PUSH_SETTINGS). "
+    "Every key can be overridden by ERP_PUSH_<KEY>."
+)
 SettingsOption = Annotated[
-    Path | None,
+    Path | None, typer.Option("--settings", "-s", help=SETTINGS_HELP, show_default=False)
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Log each step (erp-push's own) to stderr.")
+]
+DebugOption = Annotated[
+    bool,
     typer.Option(
-        "--settings",
-        "-s",
-        help="Settings file (JSON, seed layout; default ./settings.json). "
-        "Every key can be overridden by ERP_PUSH_<KEY>.",
-        envvar="ERP_PUSH_SETTINGS",
+        "--debug",
+        help="Log everything, the SSH and HTTP libraries' own records included, and show "
+        "tracebacks on errors.",
     ),
 ]
 JsonOption = Annotated[
@@ -66,6 +91,10 @@ JsonOption = Annotated[
 
 
 class _State:
+    """The global options given before the command."""
+
+    settings: Path | None = None
+    verbose = False
     debug = False
 
 
@@ -81,15 +110,60 @@ def _main(
         bool | None,
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
     ] = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log each step to stderr.")
-    ] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Log everything, and show tracebacks on errors.")
-    ] = False,
+    settings: Annotated[
+        Path | None,
+        typer.Option(
+            "--settings", "-s", help=SETTINGS_HELP, envvar="ERP_PUSH_SETTINGS", show_envvar=False
+        ),
+    ] = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
-    _State.debug = debug
-    _configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    _State.settings, _State.verbose, _State.debug = settings, verbose, debug
+    _configure_logging(verbose=verbose, debug=debug)
+
+
+def _begin(settings: Path | None, *, verbose: bool, debug: bool) -> Path | None:
+    """Merge a command's own global options with those given before it; the settings file
+    to use (None: the default)."""
+    _State.verbose = _State.verbose or verbose
+    _State.debug = _State.debug or debug
+    _configure_logging(verbose=_State.verbose, debug=_State.debug)
+    return settings if settings is not None else _State.settings
+
+
+# --- output for people: plain lines, rich only when something is drawn -----------------
+
+
+@cache
+def _console() -> Console:
+    """Rich, for tables, the progress bar and colour on a terminal. Imported on first
+    use: an idle run from cron prints one plain line and never pays for it."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)  # log lines stay whole in cron mail
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _say(text: str, *, label: str = "", style: str = "", lines: bool = False) -> None:
+    """One line for people on stderr, ``text`` as it is (no markup, control characters
+    escaped: it may come from a server); ``label`` (``error:``, ``note:``...) is coloured
+    with ``style`` on a terminal. ``lines`` keeps the text's own line breaks."""
+    text = printable_lines(text) if lines else printable(text)
+    if _is_terminal():
+        from rich.text import Text
+
+        line = Text.assemble((label, style), " ", text) if label else Text(text, style=style)
+        _console().print(line)
+        return
+    sys.stderr.write(f"{label} {text}\n" if label else f"{text}\n")
+    sys.stderr.flush()
+
+
+# --- logging ----------------------------------------------------------------------------
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -118,24 +192,47 @@ class _PrintableFormatter(logging.Formatter):
         return printable_lines(super().formatStack(stack_info))
 
 
-def _configure_logging(level: int) -> None:
+def _own_records(record: logging.LogRecord) -> bool:
+    return record.name == "erp_push" or record.name.startswith("erp_push.")
+
+
+# The libraries erp-push drives narrate in their own words: paramiko every packet, and its
+# transport thread logs a failed handshake as an ERROR traceback and a refused channel as
+# "Secsh channel N open FAILED"; httpx/httpcore every request and header. erp-push says
+# what that means for the run in one line of its own, so their records are for --debug.
+LIBRARY_LOGGERS = ("paramiko", "httpx", "httpcore")
+
+
+def _configure_logging(*, verbose: bool, debug: bool) -> None:
     handler = _StderrHandler()
     formatter = _PrintableFormatter(
         "%(asctime)s UTC [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
     )
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
+    if not debug:
+        handler.addFilter(_own_records)  # any other library's records too
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    # paramiko and httpx narrate every packet/request at INFO; keep them for --debug.
-    for noisy in ("paramiko", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(
-            logging.DEBUG if level <= logging.DEBUG else logging.WARNING
-        )
+    root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    for name in LIBRARY_LOGGERS:
+        # Above CRITICAL: without --debug their records are not even made.
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
 
 
 # --- the one error boundary -----------------------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM (``systemctl stop``, ``timeout``, ``kill``): the run unwinds as it does on
+    Ctrl-C. A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows
+    it; not a KeyboardInterrupt, so click does not turn it into "Aborted!" and exit 1."""
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    # A second SIGTERM while the run winds down ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
 
 
 def _guarded(call: Callable[[], T]) -> T:
@@ -145,49 +242,58 @@ def _guarded(call: Callable[[], T]) -> T:
     except ErpPushError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        err.print(
-            "[yellow]interrupted[/yellow]: unfinished invoices are in the journal; "
-            "the next run finishes them"
-        )
-        raise typer.Exit(130) from None
+        _stopped("interrupted")
+        raise typer.Exit(INTERRUPTED) from None
+    except Terminated:
+        _stopped("terminated")
+        raise typer.Exit(TERMINATED) from None
     except Exception as exc:  # a bug: still one line (no secrets in tracebacks), --debug shows it
         if _State.debug:
-            err.print(_traceback(exc), markup=False, highlight=False)
-        err.print(
-            f"[bold red]internal error:[/bold red] {type(exc).__name__} "
-            "(run with --debug for details)"
+            _traceback(exc)
+        _say(
+            f"{type(exc).__name__} (run with --debug for details)",
+            label="internal error:",
+            style="bold red",
         )
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
+def _stopped(how: str) -> None:
+    _say(
+        "unfinished invoices are in the journal; the next run finishes them",
+        label=f"{how}:",
+        style="yellow",
+    )
+
+
 def _fail(exc: ErpPushError) -> NoReturn:
     if _State.debug:
-        err.print(_traceback(exc), markup=False, highlight=False)
-    _print_error(exc)
+        _traceback(exc)
+    _error(exc)
     raise typer.Exit(int(exc.exit_code))
 
 
-def _print_error(exc: ErpPushError) -> None:
+def _error(exc: ErpPushError) -> None:
     # Only a settings error has line breaks of its own (one problem per line).
-    text = printable_lines(str(exc)) if isinstance(exc, SettingsError) else printable(str(exc))
-    err.print(f"[bold red]error:[/bold red] {escape(text)}")
+    from erp_push.errors import SettingsError
+
+    multi_line = isinstance(exc, SettingsError)
+    _say(str(exc), label="error:", style="bold red", lines=multi_line)
     if exc.hint:
-        err.print(f"[dim]hint:[/dim] {_show(exc.hint)}")
+        _say(exc.hint, label="hint:", style="dim")
 
 
-def _traceback(exc: BaseException) -> str:
-    return printable_lines("".join(traceback.format_exception(exc)))
-
-
-def _show(text: str) -> str:
-    """Text that may come from outside (a server, an invoice, a remote folder), ready for
-    ``err.print``: control characters escaped (see text.py), no rich markup. (rich's
-    escape, not a blanket "[" -> "\\[": that left a visible backslash before "[2K".)"""
-    return escape(printable(text))
+def _traceback(exc: BaseException) -> None:
+    sys.stderr.write(printable_lines("".join(traceback.format_exception(exc))))
 
 
 def _settings(path: Path | None, needs: set[Need]) -> Settings:
-    return _guarded(lambda: load_settings(path, needs=needs))
+    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
+
+    settings = _guarded(lambda: load_settings(path, needs=needs))
+    # Which file a run read is the first question when it does not do what was expected.
+    log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
+    return settings
 
 
 # --- push -----------------------------------------------------------------------------
@@ -195,7 +301,6 @@ def _settings(path: Path | None, needs: set[Need]) -> Settings:
 
 @app.command(epilog=EXIT_CODES_HELP)
 def push(
-    settings: SettingsOption = None,
     drain: Annotated[
         bool, typer.Option("--drain", help="Keep claiming batches until the queue is empty.")
     ] = False,
@@ -204,13 +309,20 @@ def push(
         typer.Option("--max-invoices", min=1, help="Stop after this many invoices (with --drain)."),
     ] = None,
     as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Claim pending invoices, publish one file each on the SFTP server, report back.
 
     Example: [bold]erp-push push --settings /etc/erp-push/settings.json --drain[/bold]
     """
-    cfg = _settings(settings, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR})
-    with _progress(enabled=not as_json and err.is_terminal) as (on_claimed, on_outcome):
+    from erp_push import commands
+    from erp_push.settings import Need
+
+    path = _begin(settings, verbose=verbose, debug=debug)
+    cfg = _settings(path, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR})
+    with _progress(enabled=not as_json and _is_terminal()) as (on_claimed, on_outcome):
         report = _guarded(
             lambda: commands.push(
                 cfg,
@@ -231,12 +343,20 @@ def _progress(
     if not enabled:
         yield (lambda _n: None), (lambda _o: None)
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     progress = Progress(
         TextColumn("pushing"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=_console(),
         transient=True,
     )
     task = progress.add_task("push", total=0)
@@ -250,10 +370,12 @@ def _progress(
 def _print_run(report: RunReport, *, as_json: bool) -> None:
     if as_json:
         typer.echo(report.to_json())
+    elif report.outcomes or report.notes:
+        report.render_table(_console())
     else:
-        report.render_table(err)
+        _say(report.summary_line())
     if report.error is not None:
-        _print_error(report.error)
+        _error(report.error)
 
 
 # --- dry-run --------------------------------------------------------------------------
@@ -261,12 +383,14 @@ def _print_run(report: RunReport, *, as_json: bool) -> None:
 
 @app.command("dry-run", epilog=EXIT_CODES_HELP)
 def dry_run(
-    settings: SettingsOption = None,
     limit: Annotated[
         int | None,
         typer.Option("--limit", min=1, max=50, help="How many to look at (default: batch_size)."),
     ] = None,
     as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Show which invoices the next push would take and the file names they would get.
 
@@ -276,7 +400,11 @@ def dry_run(
 
     Example: [bold]erp-push dry-run --limit 5[/bold]
     """
-    cfg = _settings(settings, {Need.NUNTIQ, Need.SFTP})
+    from erp_push import commands
+    from erp_push.settings import Need
+
+    path = _begin(settings, verbose=verbose, debug=debug)
+    cfg = _settings(path, {Need.NUNTIQ, Need.SFTP})
     report = _guarded(lambda: commands.dry_run(cfg, limit=limit))
     note = (
         f"dry-run leased these invoices for {report.lease_ttl_seconds} s to look at them "
@@ -297,23 +425,39 @@ def dry_run(
         )
         return
     if not report.planned:
-        err.print("Nothing to push: no invoices are pending integration.")
+        _say("Nothing to push: no invoices are pending integration.")
         return
+    from rich.markup import escape
+    from rich.table import Table
+
+    def _escape(text: str) -> str:
+        # Server text in cells: never read as markup, control characters escaped.
+        return escape(printable(text))
+
     table = Table(title="erp-push dry-run (nothing written)", title_justify="left")
     for column in ("invoice", "file name", "note"):
         table.add_column(column)
     for p in report.planned:
-        invoice = _show(p.invoice_number or p.invoice_token)
         if p.failure_code:
             table.add_row(
-                invoice, "-", f"[red]{_show(p.failure_code)}[/red] {_show(p.message or '')}"
+                _escape(p.invoice_number or p.invoice_token),
+                "-",
+                f"[red]{p.failure_code}[/red] {_escape(p.message or '')}",
             )
         elif p.already_delivered:
-            table.add_row(invoice, "-", f"already delivered as {_show(p.already_delivered)}")
+            table.add_row(
+                _escape(p.invoice_number or ""),
+                "-",
+                f"already delivered as {_escape(p.already_delivered)}",
+            )
         else:
-            table.add_row(invoice, _show(p.file_name or ""), _show(p.collision or ""))
-    err.print(table)
-    err.print(f"[dim]note:[/dim] {note}")
+            table.add_row(
+                _escape(p.invoice_number or ""),
+                _escape(p.file_name or ""),
+                _escape(p.collision or ""),
+            )
+    _console().print(table)
+    _say(note, label="note:", style="dim")
 
 
 # --- render ---------------------------------------------------------------------------
@@ -322,7 +466,6 @@ def dry_run(
 @app.command(epilog=EXIT_CODES_HELP)
 def render(
     invoice_token: Annotated[str, typer.Argument(help="The invoice's token (UUID).")],
-    settings: SettingsOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
     ] = None,
@@ -334,24 +477,31 @@ def render(
             help="Push date for the file name (default: today, UTC).",
         ),
     ] = None,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Print exactly the bytes push would upload for one invoice. Needs only Nuntiq settings.
 
     Example: [bold]erp-push render 3f2b...-uuid --output preview.csv[/bold]
     """
-    cfg = _settings(settings, {Need.NUNTIQ})
+    from erp_push import commands
+    from erp_push.settings import Need
+
+    path = _begin(settings, verbose=verbose, debug=debug)
+    cfg = _settings(path, {Need.NUNTIQ})
     today: date | None = on_date.date() if on_date else None
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
     if output is not None:
         output.write_bytes(rendered.body)
-        err.print(
+        _say(
             f"wrote {output} ({len(rendered.body)} bytes); push would name it {rendered.file_name}"
         )
     else:
         sys.stdout.buffer.write(rendered.body)
         sys.stdout.buffer.flush()
-        if err.is_terminal:
-            err.print(f"[dim]file name: {rendered.file_name}[/dim]")
+        if _is_terminal():
+            _say(f"file name: {rendered.file_name}", style="dim")
 
 
 # --- cleanup-tmp ----------------------------------------------------------------------
@@ -359,19 +509,27 @@ def render(
 
 @app.command("cleanup-tmp", epilog=EXIT_CODES_HELP)
 def cleanup_tmp(
-    settings: SettingsOption = None,
     older_than: Annotated[
         int,
         typer.Option("--older-than", min=0, help="Only tmp files older than this many minutes."),
     ] = 60,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list, remove nothing.")] = False,
     as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Remove erp-push's own stale .tmp files from the outbox. Never touches any other file.
 
+    Lists each file with what was done to it; exits 1 when some could not be removed.
+
     Example: [bold]erp-push cleanup-tmp --older-than 120 --dry-run[/bold]
     """
-    cfg = _settings(settings, {Need.SFTP})
+    from erp_push import commands
+    from erp_push.settings import Need
+
+    path = _begin(settings, verbose=verbose, debug=debug)
+    cfg = _settings(path, {Need.SFTP})
     report = _guarded(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )
@@ -380,21 +538,30 @@ def cleanup_tmp(
             json.dumps(
                 {
                     "dry_run": dry_run,
+                    "older_than_minutes": older_than,
                     "stale": [_remote(f) for f in report.stale],
                     "removed": [_remote(f) for f in report.removed],
-                    "errors": report.errors,
+                    "not_removed": [
+                        {**_remote(n.file), "error": n.reason} for n in report.not_removed
+                    ],
                 },
+                ensure_ascii=False,
             )
         )
-    else:
-        verb = "would remove" if dry_run else "removed"
+    elif dry_run:
         for f in report.stale:
-            err.print(f"{verb} {_show(f.path)}")
-        done = len(report.stale) if dry_run else len(report.removed)
-        err.print(f"{done} stale tmp file(s) {verb} (older than {older_than} min)")
-        for e in report.errors:
-            err.print(f"[red]could not remove[/red] {_show(e)}")
-    raise typer.Exit(ExitCode.SOME_FAILED if report.errors else ExitCode.OK)
+            _say(f.path, label="would remove")
+        _say(f"{len(report.stale)} stale tmp file(s) older than {older_than} min (dry run)")
+    else:
+        for f in report.removed:
+            _say(f.path, label="removed")
+        for n in report.not_removed:
+            _say(f"{n.file.path}: {n.reason}", label="could not remove", style="bold red")
+        summary = f"{len(report.removed)} stale tmp file(s) removed (older than {older_than} min)"
+        if report.not_removed:
+            summary += f"; {len(report.not_removed)} could not be removed"
+        _say(summary)
+    raise typer.Exit(ExitCode.SOME_FAILED if report.not_removed else ExitCode.OK)
 
 
 def _remote(f: Any) -> dict[str, Any]:
@@ -404,5 +571,30 @@ def _remote(f: Any) -> dict[str, Any]:
     return {"path": f.path, "size": getattr(f, "size", None), "mtime": mtime}
 
 
+# --- entry point ----------------------------------------------------------------------
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    """An exception no thread caught: one line (a traceback only with --debug)."""
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("erp_push").error(
+        "internal error in thread %s: %s",
+        args.thread.name if args.thread else "?",
+        args.exc_type.__name__,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback)  # type: ignore[arg-type]
+        if _State.debug
+        else None,
+    )
+
+
 def main() -> None:
-    app()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.excepthook = _thread_crashed
+    # A library's Python warnings become records (py.warnings): shown with --debug only.
+    logging.captureWarnings(True)
+    try:
+        app()
+    except Terminated:  # between two steps of the command line itself, outside _guarded
+        _stopped("terminated")
+        sys.exit(TERMINATED)

@@ -7,10 +7,12 @@ and builds real ones from settings only when none are passed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from erp_push.claim import NuntiqClient
 from erp_push.errors import RenderError, SftpError, SftpOperationError
@@ -19,7 +21,13 @@ from erp_push.pipeline import Pusher, PushPlan
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, RunReport
 from erp_push.settings import Settings
-from erp_push.transport import RemoteFile, SftpOptions, SftpSession
+
+if TYPE_CHECKING:
+    # The SSH library is imported on first connect: a run with nothing to upload never
+    # pays for it (see sftp_connector).
+    from erp_push.transport import RemoteFile, SftpOptions, SftpSession
+
+log = logging.getLogger("erp_push.commands")
 
 # Dry-run has to claim to look (the contract has no list endpoint); the shortest TTL
 # Nuntiq allows keeps the invoices away from real pushes for as short a time as possible.
@@ -43,6 +51,8 @@ def nuntiq_client(settings: Settings) -> NuntiqClient:
 
 
 def sftp_options(settings: Settings) -> SftpOptions:
+    from erp_push.transport import SftpOptions
+
     cfg, secrets = settings.config, settings.secrets
     assert cfg.sftp_host is not None and cfg.sftp_user is not None
     return SftpOptions(
@@ -62,12 +72,13 @@ def sftp_options(settings: Settings) -> SftpOptions:
 
 
 def sftp_connector(settings: Settings) -> Callable[[], SftpSession]:
-    options = sftp_options(settings)
     outbox, sent = settings.config.remote_outbox, settings.config.remote_sent
     assert outbox is not None
 
     def connect() -> SftpSession:
-        session = SftpSession.connect(options)
+        from erp_push.transport import SftpSession
+
+        session = SftpSession.connect(sftp_options(settings))
         try:
             session.check_folders(outbox, sent)
         except SftpError:
@@ -124,6 +135,16 @@ def push(
     on_claimed: Callable[[int], None] | None = None,
 ) -> RunReport:
     """One push run: recover what earlier runs left, then claim and deliver."""
+    cfg = settings.config
+    log.info(
+        "push: Nuntiq %s, SFTP %s@%s:%s %s, journal %s",
+        cfg.nuntiq_base_url,
+        cfg.sftp_user,
+        cfg.sftp_host,
+        cfg.sftp_port,
+        cfg.remote_outbox,
+        cfg.state_dir,
+    )
     client = nuntiq or nuntiq_client(settings)
     journal = Journal(Path(settings.config.state_dir))
     try:
@@ -252,11 +273,17 @@ def render_one(
 # --- cleanup-tmp ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NotRemoved:
+    file: RemoteFile
+    reason: str  # what the server said
+
+
 @dataclass
 class CleanupReport:
     stale: list[RemoteFile] = field(default_factory=list)
-    removed: list[RemoteFile] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    removed: list[RemoteFile] = field(default_factory=list)  # only those really removed
+    not_removed: list[NotRemoved] = field(default_factory=list)
 
 
 def cleanup_tmp(
@@ -279,7 +306,7 @@ def cleanup_tmp(
                     session.remove(remote.path)
                     report.removed.append(remote)
                 except SftpOperationError as exc:  # one undeletable file does not stop the rest
-                    report.errors.append(f"{remote.path}: {exc}")
+                    report.not_removed.append(NotRemoved(remote, str(exc)))
         return report
     finally:
         session.close()
@@ -288,6 +315,7 @@ def cleanup_tmp(
 __all__ = [
     "CleanupReport",
     "DryRunReport",
+    "NotRemoved",
     "PlannedFile",
     "cleanup_tmp",
     "dry_run",

@@ -35,6 +35,9 @@ MoneyText = Annotated[str | None, BeforeValidator(_money_as_text)]
 class Model(BaseModel):
     """Base for every payload: keep unknown fields (forward compatible), never fail on them."""
 
+    # Schemas are built at import (no defer_build): the first validation happens in the
+    # pipeline's worker threads, and a deferred build racing there is only safe from
+    # pydantic 2.14 on (its rebuild lock).
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
 

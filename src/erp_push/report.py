@@ -10,16 +10,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from erp_push import wire
 from erp_push.errors import ErpPushError, ExitCode
 from erp_push.models import IntegrationResult
 from erp_push.text import json_safe, printable
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
 DELIVERED_MESSAGE = "SFTP_DELIVERED"
@@ -128,6 +127,10 @@ class RunReport:
         return json_safe(json.dumps(self.to_dict(), ensure_ascii=False))
 
     def render_table(self, console: Console) -> None:
+        # rich only here, when a table is drawn: an idle run never imports it.
+        from rich.table import Table
+        from rich.text import Text
+
         shown = self.outcomes
         if len(shown) > FULL_TABLE_MAX:
             # On long runs the delivered invoices would bury the few that need attention.

@@ -1,0 +1,96 @@
+"""Fast start: what an idle `erp-push push` (cron, nothing to claim) loads, and what it never does.
+
+Speed itself is measured by `make bench`, not here; these tests hold the behaviour that
+keeps it fast: no SSH library until there is something to upload, no distribution-metadata
+scan for the version, rich only when something is drawn.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from erp_push import __version__
+from tests.sandbox.fixtures import Sandbox
+from tests.sftp_servers.fixtures import SftpServerInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+MakeSettings = Callable[..., Path]
+# What an idle run must never load: the SSH stack and the module that drives it, and the
+# rich console (an idle run prints one plain line).
+NEVER_WHEN_IDLE = ("paramiko", "cryptography", "erp_push.transport", "rich.console")
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Module names from ``python -X importtime`` output: every module the process loaded."""
+    return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", stderr, re.MULTILINE))
+
+
+def test_an_idle_push_never_loads_the_ssh_library(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """The real command line, against the sandbox with nothing to claim."""
+    settings = make_settings(asyncssh_sftp)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "erp_push", "push", "--settings", str(settings)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to push" in result.stderr
+    loaded = imported_modules(result.stderr)
+    assert "erp_push.pipeline" in loaded and "httpx" in loaded  # the parse sees the run
+    for name in NEVER_WHEN_IDLE:
+        assert name not in loaded, f"an idle push imported {name}"
+    assert sandbox.control.request_counts()["claim"] == 1
+
+
+def test_a_push_with_work_loads_the_ssh_library_then(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """The counterpart: the lazy import still happens when there is something to upload."""
+    sandbox.control.seed(1)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "erp_push", "push", "--settings"]
+        + [str(make_settings(asyncssh_sftp))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"paramiko", "erp_push.transport"} <= imported_modules(result.stderr)
+    assert len(asyncssh_sftp.listdir(asyncssh_sftp.outbox)) == 1
+
+
+def test_importing_the_cli_loads_no_metadata_ssh_or_rich() -> None:
+    probe = "import sys, erp_push.cli; print('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert "erp_push.cli" in loaded
+    for name in ("importlib.metadata", "paramiko", "erp_push.transport", "rich", "httpx"):
+        assert name not in loaded, f"import erp_push.cli imported {name}"
+
+
+def test_the_version_has_one_source() -> None:
+    """pyproject takes the version from erp_push/__init__.py (hatch's regex source), so the
+    package and its metadata cannot disagree."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    source = ROOT / project["tool"]["hatch"]["version"]["path"]
+    # hatch's default pattern for a version file
+    match = re.search(
+        r"""^(__version__|VERSION) *= *(['"])v?(?P<version>.+?)\2""",
+        source.read_text(),
+        re.MULTILINE,
+    )
+    assert match is not None and match["version"] == __version__

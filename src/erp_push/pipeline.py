@@ -282,6 +282,10 @@ class ServerHealth:
         self._unexplained_in_a_row = 0
         self.refusing: str | None = None  # why the run stopped uploading, once it did
 
+    def halt(self, reason: str) -> None:
+        with self._lock:
+            self.refusing = self.refusing or reason
+
     def published(self) -> None:
         with self._lock:
             self._unexplained_in_a_row = 0
@@ -560,9 +564,17 @@ class Pusher:
         try:
             with ThreadPoolExecutor(max_workers=self.plan.concurrency) as pool:
                 self._pool = pool
-                self._recover()
-                if self._stop is None:
-                    self._claim_and_deliver()
+                try:
+                    self._recover()
+                    if self._stop is None:
+                        self._claim_and_deliver()
+                except BaseException as exc:
+                    # Ctrl-C, SIGTERM, a bug: invoices not started stay as they are (the
+                    # journal and their leases bring them back); those in flight finish
+                    # the step they are in, and publish nothing new.
+                    self.health.halt(f"the run was stopped ({type(exc).__name__})")
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
             self._record_recovery_pending()
         except BaseException as exc:
             # Still say on the delta stream that this run failed (Ctrl-C, a bug).

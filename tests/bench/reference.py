@@ -4,7 +4,8 @@
     (the password comes in the environment, BENCH_SFTP_PASSWORD, never on a command line)
 
 One SSH connection, one SFTP channel, strictly sequential: for each file open a tmp name,
-write ~120 bytes (a rendered sandbox invoice is 107-117), close, rename to the final name. That is the
+write ~120 bytes (a rendered sandbox invoice is 107-117), close, rename to the final name.
+That is the
 least any safe publisher must do per file (4 round trips), so it is what one connection
 can do at best without pipelining. The host key is verified like erp-push verifies it.
 Prints one JSON line: ``{"files": N, "loop_s": ...}``, the time from the first open to

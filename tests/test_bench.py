@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sftp_servers.fixtures import SSHD, _sshd_unavailable
+from tests.sftp_servers.fixtures import SSHD, _server_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_the_delay_proxy_forwards_every_byte_in_order_and_passes_the_half_close(
 @pytest.mark.sshd
 def test_a_smoke_run_writes_a_json_with_every_figure_and_verified_runs(tmp_path: Path) -> None:
     if not SSHD.exists() or os.geteuid() != 0:
-        _sshd_unavailable("the bench needs root and /usr/sbin/sshd")
+        _server_unavailable("the bench needs root and /usr/sbin/sshd")
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "tests.bench", "--quick", "--only", "idle", "--json", str(out)],

@@ -537,6 +537,7 @@ class SandboxServer:
         finally:
             httpd.close_all_connections()
             httpd.server_close()
+            httpd.app.store.close()
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -548,6 +549,7 @@ class SandboxServer:
             self._thread = None
         httpd.close_all_connections()
         httpd.server_close()
+        httpd.app.store.close()
 
     def __enter__(self) -> SandboxServer:
         return self.start()

@@ -217,8 +217,19 @@ def _ms(values: list[float], q: float) -> float:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000, 3)
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU the server process has used so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _one_run(
-    base_url: str, api_key: str, *, threads: int, invoices: int, held: int
+    base_url: str, api_key: str, *, threads: int, invoices: int, held: int, pid: int | None
 ) -> dict[str, Any]:
     ctl = _Client(base_url, api_key)
     try:
@@ -234,7 +245,9 @@ def _one_run(
 
         clients = [_Client(base_url, api_key) for _ in range(threads)]
         try:
+            cpu_before = _cpu_seconds(pid)
             elapsed = _push(clients)
+            cpu_after = _cpu_seconds(pid)
         finally:
             for c in clients:
                 c.close()
@@ -258,6 +271,12 @@ def _one_run(
         "seed_seconds": round(seed_s, 3),
         "seed_invoices_per_second": round(invoices / seed_s, 1) if seed_s else None,
         "seconds": round(elapsed, 3),
+        # CPU the server spent per request: what the machine's other load cannot inflate.
+        "server_cpu_us_per_request": (
+            round((cpu_after - cpu_before) / requests * 1e6, 1)
+            if cpu_before is not None and cpu_after is not None
+            else None
+        ),
         "requests": requests,
         "requests_per_second": round(requests / elapsed, 1),
         "invoices_per_second": round(invoices / elapsed, 1),
@@ -275,10 +294,11 @@ def _one_run(
 
 
 @contextlib.contextmanager
-def _server(mode: str, url: str | None, api_key: str) -> Iterator[str]:
-    """The base URL of a sandbox: the given one, one on a thread, or one in a child."""
+def _server(mode: str, url: str | None, api_key: str) -> Iterator[tuple[str, int | None]]:
+    """A sandbox (the given one, one on a thread, or one in a child): its base URL and, when
+    it is a child process, its pid."""
     if url is not None:
-        yield url
+        yield url, None
         return
     with tempfile.TemporaryDirectory(prefix="sandbox-loadtest-") as tmp:
         db = os.path.join(tmp, "sandbox.sqlite3")
@@ -286,7 +306,7 @@ def _server(mode: str, url: str | None, api_key: str) -> Iterator[str]:
             from tests.sandbox.server import SandboxServer
 
             with SandboxServer(db, api_key=api_key) as server:
-                yield server.base_url
+                yield server.base_url, None
             return
         # The child imports the same tests package as this process, whatever the cwd.
         root = str(Path(__file__).resolve().parents[2])
@@ -321,7 +341,7 @@ def _server(mode: str, url: str | None, api_key: str) -> Iterator[str]:
             if not match:
                 proc.wait(timeout=10)
                 raise RuntimeError(f"sandbox did not start: {line!r} {log.read_text()!r}")
-            yield match.group(0)
+            yield match.group(0), proc.pid
         finally:
             proc.terminate()
             try:
@@ -345,10 +365,12 @@ def run_loadtest(
 ) -> dict[str, Any]:
     """Run the load ``repeat`` times per held count; every figure, plus the best run's."""
     results: list[dict[str, Any]] = []
-    with _server(server, url, api_key) as base_url:
+    with _server(server, url, api_key) as (base_url, pid):
         for n_held in held:
             runs = [
-                _one_run(base_url, api_key, threads=threads, invoices=invoices, held=n_held)
+                _one_run(
+                    base_url, api_key, threads=threads, invoices=invoices, held=n_held, pid=pid
+                )
                 for _ in range(repeat)
             ]
             rates = [r["requests_per_second"] for r in runs]
@@ -358,6 +380,11 @@ def run_loadtest(
                     "held_invoices": n_held,
                     "best_requests_per_second": best["requests_per_second"],
                     "median_requests_per_second": round(statistics.median(rates), 1),
+                    "least_server_cpu_us_per_request": min(
+                        (r["server_cpu_us_per_request"] for r in runs), default=None
+                    )
+                    if pid is not None
+                    else None,
                     "best": best,
                     "runs": runs,
                 }
@@ -381,14 +408,18 @@ def format_report(report: dict[str, Any]) -> str:
     for res in report["results"]:
         best = res["best"]
         out.append("")
-        out.append(
-            f"held {res['held_invoices']:>6} invoices (at 92, live leases): "
-            f"{res['best_requests_per_second']:>7.1f} requests/s best,"
+        cpu = res["least_server_cpu_us_per_request"]
+        out += [
+            f"held {res['held_invoices']} invoices (at 92 under live leases; set up in"
+            f" {best['held_setup_seconds']} s)",
+            f"  {res['best_requests_per_second']:.1f} requests/s best,"
             f" {res['median_requests_per_second']:.1f} median"
-            f" ({', '.join(str(r['requests_per_second']) for r in res['runs'])});"
-            f" {best['invoices_per_second']} invoices/s;"
-            f" seeding {best['seed_invoices_per_second']} invoices/s"
-        )
+            f" (runs: {', '.join(str(r['requests_per_second']) for r in res['runs'])});"
+            f" {best['invoices_per_second']} invoices/s",
+            "  server CPU per request: "
+            + (f"{cpu:.0f} us (least of the runs)" if cpu is not None else "not measured")
+            + f"; seeding: {best['seed_invoices_per_second']} invoices/s",
+        ]
         out.append(f"  {'endpoint':<20}{'count':>8}{'median ms':>12}{'p95 ms':>10}")
         for name, e in best["endpoints"].items():
             out.append(f"  {name:<20}{e['count']:>8}{e['median_ms']:>12.2f}{e['p95_ms']:>10.2f}")

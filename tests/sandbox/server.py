@@ -324,7 +324,22 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
     # Headers and body go out in separate writes; without TCP_NODELAY, Nagle + delayed ACK
     # add ~40 ms to every keep-alive request.
     disable_nagle_algorithm = True
+    # Buffered: a response goes out in one send (handle_one_request flushes after every
+    # request) instead of one for the headers and one for the body. An attachment larger
+    # than the buffer still streams chunk by chunk.
+    wbufsize = CHUNK
     server: _HTTPServer
+    _date: tuple[int, str] = (0, "")  # the Date header of the current second
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached_second, text = SandboxRequestHandler._date
+        if cached_second != second:  # formatting it is a tenth of the cost of a request
+            text = super().date_time_string(second)
+            SandboxRequestHandler._date = (second, text)
+        return text
 
     def do_GET(self) -> None:
         self._handle("GET")

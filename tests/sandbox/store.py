@@ -303,7 +303,8 @@ class Store:
                 (t.now_iso, row["id"]),
             )
             row = t.conn.execute("SELECT * FROM invoices WHERE id = ?", (row["id"],)).fetchone()
-        return row
+        found: sqlite3.Row = row
+        return found
 
     @staticmethod
     def _was_leased_by(t: Tx, invoice_id: int, lease_token: str) -> bool:
@@ -563,10 +564,11 @@ class Store:
 
     @staticmethod
     def _stream_row(conn: sqlite3.Connection, connector: str, stream: str) -> sqlite3.Row | None:
-        return conn.execute(
+        row: sqlite3.Row | None = conn.execute(
             "SELECT * FROM delta_streams WHERE connector_name = ? AND stream_name = ?",
             (connector, stream),
         ).fetchone()
+        return row
 
     @staticmethod
     def _stream_json(row: sqlite3.Row) -> dict[str, Any]:
@@ -691,49 +693,49 @@ class Store:
                 "SELECT seq FROM sqlite_sequence WHERE name = 'invoices'"
             ).fetchone()
             first_id = (row[0] if row else 0) + 1
-            invoices = seeding.generate(count, seed=seed, first_id=first_id, awkward=awkward)
+            tokens: list[str] = []
+            attachments: list[tuple[Any, ...]] = []
             dumps = json.dumps
-            # Distinct created_at per invoice (1 ms apart) keeps "oldest first" readable.
-            created = [t.now_iso] + [
-                iso(t.now + timedelta(milliseconds=offset)) for offset in range(1, count)
-            ]
-            t.conn.executemany(
-                "INSERT INTO invoices (id, invoice_token, email_token, invoice_number,"
-                " status, created_at, updated_at, ext_reference_1, ext_reference_2,"
-                " ext_reference_3, ext_reference_4, ext_reference_5, doc, email, seed_case)"
-                " VALUES (?, ?, ?, ?, 90, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        first_id + offset,
+
+            def rows() -> Iterator[tuple[Any, ...]]:
+                # Streamed into executemany: one invoice exists as Python objects at a time.
+                invoices = seeding.generate(count, seed=seed, first_id=first_id, awkward=awkward)
+                for offset, inv in enumerate(invoices):
+                    invoice_id = first_id + offset
+                    # Distinct created_at per invoice (1 ms apart) keeps "oldest first" readable.
+                    created = iso(t.now + timedelta(milliseconds=offset)) if offset else t.now_iso
+                    tokens.append(inv.invoice_token)
+                    attachments.extend(
+                        (a["attachment_token"], invoice_id, a["file_name"], a["content_type"],
+                         a["data"])
+                        for a in inv.attachments
+                    )  # fmt: skip
+                    yield (
+                        invoice_id,
                         inv.invoice_token,
                         inv.email_token,
                         inv.invoice_number,
-                        created[offset],
-                        created[offset],
+                        created,
+                        created,
                         *inv.ext_references,
                         dumps(inv.doc),
                         dumps(inv.email) if inv.email else None,
                         inv.case,
                     )
-                    for offset, inv in enumerate(invoices)
-                ],
+
+            t.conn.executemany(
+                "INSERT INTO invoices (id, invoice_token, email_token, invoice_number,"
+                " status, created_at, updated_at, ext_reference_1, ext_reference_2,"
+                " ext_reference_3, ext_reference_4, ext_reference_5, doc, email, seed_case)"
+                " VALUES (?, ?, ?, ?, 90, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows(),
             )
             t.conn.executemany(
                 "INSERT INTO attachments (attachment_token, invoice_id, file_name,"
                 " content_type, data) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (
-                        a["attachment_token"],
-                        first_id + offset,
-                        a["file_name"],
-                        a["content_type"],
-                        a["data"],
-                    )
-                    for offset, inv in enumerate(invoices)
-                    for a in inv.attachments
-                ],
+                attachments,
             )
-            return [inv.invoice_token for inv in invoices]
+            return tokens
 
     def list_invoices(self) -> list[dict[str, Any]]:
         with self.tx() as t:

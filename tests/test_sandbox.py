@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -257,6 +258,22 @@ def test_protocol_errors(sandbox: Sandbox, api: httpx.Client) -> None:
     assert_error(r, 400, "VALIDATION_ERROR")
     assert_error(api.post(CLAIM, json=[1, 2]), 400, "VALIDATION_ERROR")
     assert_error(api.get("/v1/invoices/x/acknowledge"), 405, "METHOD_NOT_ALLOWED")
+
+
+def test_expect_100_continue_is_answered_before_the_body(sandbox: Sandbox) -> None:
+    """Responses are buffered into one send; the interim 100 must still go out at once,
+    or a client that waits for it (curl with a large body) stalls."""
+    url = httpx.URL(sandbox.base_url)
+    body = b'{"count": 1}'
+    with socket.create_connection((url.host, url.port or 80), timeout=10) as conn:
+        conn.sendall(
+            f"POST {url.path}/_sandbox/seed HTTP/1.1\r\nHost: x\r\n"
+            f"X-API-Key: {sandbox.api_key}\r\nContent-Type: application/json\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        conn.sendall(body)
+        assert conn.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 # --- get invoice ----------------------------------------------------------------------

@@ -245,9 +245,9 @@ def _one_run(
 
         clients = [_Client(base_url, api_key) for _ in range(threads)]
         try:
-            cpu_before = _cpu_seconds(pid)
+            cpu_before, client_before = _cpu_seconds(pid), time.process_time()
             elapsed = _push(clients)
-            cpu_after = _cpu_seconds(pid)
+            cpu_after, client_cpu = _cpu_seconds(pid), time.process_time() - client_before
         finally:
             for c in clients:
                 c.close()
@@ -277,6 +277,8 @@ def _one_run(
             if cpu_before is not None and cpu_after is not None
             else None
         ),
+        # The same for this process (the client threads, and an in-process server if any).
+        "client_cpu_us_per_request": round(client_cpu / requests * 1e6, 1),
         "requests": requests,
         "requests_per_second": round(requests / elapsed, 1),
         "invoices_per_second": round(invoices / elapsed, 1),
@@ -418,6 +420,7 @@ def format_report(report: dict[str, Any]) -> str:
             f" {best['invoices_per_second']} invoices/s",
             "  server CPU per request: "
             + (f"{cpu:.0f} us (least of the runs)" if cpu is not None else "not measured")
+            + f"; client CPU per request: {best['client_cpu_us_per_request']:.0f} us"
             + f"; seeding: {best['seed_invoices_per_second']} invoices/s",
         ]
         out.append(f"  {'endpoint':<20}{'count':>8}{'median ms':>12}{'p95 ms':>10}")

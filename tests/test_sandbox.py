@@ -6,8 +6,11 @@ with erp-push's own pydantic models, so the sandbox cannot drift from what the c
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -257,6 +260,22 @@ def test_protocol_errors(sandbox: Sandbox, api: httpx.Client) -> None:
     assert_error(api.get("/v1/invoices/x/acknowledge"), 405, "METHOD_NOT_ALLOWED")
 
 
+def test_expect_100_continue_is_answered_before_the_body(sandbox: Sandbox) -> None:
+    """Responses are buffered into one send; the interim 100 must still go out at once,
+    or a client that waits for it (curl with a large body) stalls."""
+    url = httpx.URL(sandbox.base_url)
+    body = b'{"count": 1}'
+    with socket.create_connection((url.host, url.port or 80), timeout=10) as conn:
+        conn.sendall(
+            f"POST {url.path}/_sandbox/seed HTTP/1.1\r\nHost: x\r\n"
+            f"X-API-Key: {sandbox.api_key}\r\nContent-Type: application/json\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")
+        conn.sendall(body)
+        assert conn.recv(100).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 # --- get invoice ----------------------------------------------------------------------
 
 
@@ -320,6 +339,79 @@ def test_finished_invoice_ignores_lease_expiry(sandbox: Sandbox, api: httpx.Clie
     r = result(api, token, lease["lease_token"])
     assert r.status_code == 200 and r.json()["status_changed"] is False
     assert_error(result(api, token, "another-lease"), 409, "LEASE_EXPIRED")
+
+
+def test_exactly_the_due_leases_lapse_among_many_held(sandbox: Sandbox, api: httpx.Client) -> None:
+    """Leases lapse lazily (one invoice per request; claim and the listing sweep the due
+    ones through an index). With hundreds held, exactly the due ones come back at 91, at 92
+    and at 93 alike, and claim hands them out oldest first among the 90s."""
+    tokens = sandbox.control.seed(600)
+    short: list[dict[str, Any]] = []  # blocks of 50 alternate: 60 s leases, 30 min leases
+    long: list[dict[str, Any]] = []
+    for block in range(12):
+        ttl = 60 if block % 2 == 0 else 1800
+        (short if ttl == 60 else long).extend(claim(api, limit=50, lease_ttl_seconds=ttl))
+    assert len(short) == len(long) == 300
+    for lease in short[::3] + long[::3]:  # some at 93: they lapse too
+        assert ack(api, lease["invoice_token"], lease["lease_token"]).status_code == 200
+    finished = short[1:30:7] + long[1:30:7]  # at 100: never lapse
+    for lease in finished:
+        assert result(api, lease["invoice_token"], lease["lease_token"]).status_code == 200
+    forced = [x["invoice_token"] for x in long[2:60:9]]  # 90s among the lapsed ones, by age
+    for token in forced:
+        sandbox.control.set_status(token, 90)
+
+    sandbox.control.advance_clock(61)
+
+    # One invoice at a time, before anything sweeps: each already answers as lapsed or not.
+    done = {x["invoice_token"] for x in finished}
+    lapsed = [x for x in short if x["invoice_token"] not in done]
+    live = [x for x in long if x["invoice_token"] not in done and x["invoice_token"] not in forced]
+    for lease in lapsed[::25]:
+        detail = api.get(f"/v1/invoices/{lease['invoice_token']}").json()
+        assert detail["invoice"]["status"] == 91
+    for lease in lapsed[1::25]:
+        assert_error(ack(api, lease["invoice_token"], lease["lease_token"]), 409, "LEASE_EXPIRED")
+    for lease in lapsed[2::25]:
+        assert_error(
+            result(api, lease["invoice_token"], lease["lease_token"]), 409, "LEASE_EXPIRED"
+        )
+    for lease in live[::25]:
+        assert ack(api, lease["invoice_token"], lease["lease_token"]).status_code == 200
+
+    expected = {x["invoice_token"]: 91 for x in lapsed}
+    expected |= {x["invoice_token"]: 92 for x in live}
+    expected |= {x["invoice_token"]: 93 for x in long[::3] + live[::25]}
+    expected |= {token: 100 for token in done} | {token: 90 for token in forced}
+    assert sandbox.control.statuses() == expected
+
+    claimable = [t for t in tokens if expected[t] in (90, 91)]  # seed order = age
+    first = claim(api, limit=50)
+    assert [x["invoice_token"] for x in first] == claimable[:50]
+    rest = [x["invoice_token"] for _ in range(10) for x in claim(api, limit=50)]
+    assert rest == claimable[50:]
+
+
+def test_a_request_about_one_invoice_lapses_only_that_one(
+    sandbox: Sandbox, api: httpx.Client
+) -> None:
+    """What keeps a request's cost independent of the leases held: a request about one
+    invoice lapses that invoice alone, the others stay as they are until a claim or the
+    listing looks at them. Read from the file behind the sandbox's back, because through
+    the API every due lease already looks lapsed (the test above)."""
+    tokens = sandbox.control.seed(100)
+    leases = claim(api, limit=50, lease_ttl_seconds=60) + claim(api, limit=50, lease_ttl_seconds=60)
+    sandbox.control.advance_clock(61)
+
+    def in_file() -> Counter[int]:
+        with contextlib.closing(sqlite3.connect(sandbox.server.db_path)) as db:
+            return Counter(status for (status,) in db.execute("SELECT status FROM invoices"))
+
+    assert api.get(f"/v1/invoices/{tokens[7]}").json()["invoice"]["status"] == 91
+    assert_error(ack(api, tokens[8], leases[8]["lease_token"]), 409, "LEASE_EXPIRED")
+    assert in_file() == {92: 98, 91: 2}
+    assert set(sandbox.control.statuses().values()) == {91}  # the listing sweeps
+    assert in_file() == {91: 100}
 
 
 def test_idempotency_key(sandbox: Sandbox, api: httpx.Client) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
@@ -110,20 +111,24 @@ def _field(key: str, label: str, value: Any) -> dict[str, Any]:
     return {"key": key, "label": label, "value": value}
 
 
-def generate(count: int, *, seed: int, first_id: int, awkward: bool) -> list[SeedInvoice]:
-    """``count`` invoices whose database ids will be ``first_id``, ``first_id + 1``, ..."""
+def generate(count: int, *, seed: int, first_id: int, awkward: bool) -> Iterator[SeedInvoice]:
+    """``count`` invoices whose database ids will be ``first_id``, ``first_id + 1``, ...
+
+    One at a time: a caller that turns each into a row right away never holds thousands of
+    invoices as Python objects (memory, and the garbage collector's time over them).
+    """
     # zlib.crc32 keeps the stream stable per (seed, first_id) without relying on hash().
     rng = random.Random(zlib.crc32(f"{seed}:{first_id}".encode()))
-    out: list[SeedInvoice] = []
+    previous: SeedInvoice | None = None
     for i in range(count):
         invoice_id = first_id + i
         case = AWKWARD_CASES[i % len(AWKWARD_CASES)] if awkward else "normal"
-        out.append(_one(rng, seed=seed, invoice_id=invoice_id, case=case, previous=out))
-    return out
+        previous = _one(rng, seed=seed, invoice_id=invoice_id, case=case, previous=previous)
+        yield previous
 
 
 def _one(
-    rng: random.Random, *, seed: int, invoice_id: int, case: str, previous: list[SeedInvoice]
+    rng: random.Random, *, seed: int, invoice_id: int, case: str, previous: SeedInvoice | None
 ) -> SeedInvoice:
     number: str | None = f"INV-{invoice_id:06d}"
     if case == "slash_number_tab_value":
@@ -138,8 +143,8 @@ def _one(
         number = f"INV-{invoice_id:06d}-" + "X" * 210
     elif case == "missing_number":
         number = None
-    elif case == "collision_second" and previous and previous[-1].case == "collision_first":
-        number = previous[-1].invoice_number
+    elif case == "collision_second" and previous and previous.case == "collision_first":
+        number = previous.invoice_number
 
     vendor = VENDORS[rng.randrange(len(VENDORS))]
     currency = CURRENCIES[rng.randrange(len(CURRENCIES))]

@@ -333,10 +333,30 @@ class _Reset(Exception):
 class SandboxRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length
     server_version = "NuntiqSandbox/1.0"
-    # Headers and body go out in separate writes; without TCP_NODELAY, Nagle + delayed ACK
-    # add ~40 ms to every keep-alive request.
+    # A response larger than the write buffer goes out in several writes; without
+    # TCP_NODELAY, Nagle + delayed ACK add ~40 ms to such a keep-alive request.
     disable_nagle_algorithm = True
+    # Buffered: a response goes out in one send (handle_one_request flushes after every
+    # request) instead of one for the headers and one for the body. An attachment larger
+    # than the buffer still streams chunk by chunk.
+    wbufsize = CHUNK
     server: _HTTPServer
+    _date: tuple[int, str] = (0, "")  # the Date header of the current second
+
+    def handle_expect_100(self) -> bool:
+        answered = super().handle_expect_100()
+        self.wfile.flush()  # the client waits for the 100 before it sends the body
+        return answered
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached_second, text = SandboxRequestHandler._date
+        if cached_second != second:  # formatted once a second, not once per response
+            text = super().date_time_string(second)
+            SandboxRequestHandler._date = (second, text)
+        return text
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -565,6 +585,7 @@ class SandboxServer:
         finally:
             httpd.close_all_connections()
             httpd.server_close()
+            httpd.app.store.close()
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -576,6 +597,7 @@ class SandboxServer:
             self._thread = None
         httpd.close_all_connections()
         httpd.server_close()
+        httpd.app.store.close()
 
     def __enter__(self) -> SandboxServer:
         return self.start()

@@ -77,6 +77,9 @@ SERVER_REFUSALS = {"SFTP_DISK_FULL", "SFTP_PERMISSION_DENIED", "SFTP_PUBLISH_FAI
 # as anyone can tell: the invoice stays pending, and a second one in a row (no file
 # published in between) stops the run, so a broken server cannot burn the queue.
 UNEXPLAINED_WRITE_FAILURE = "SFTP_UPLOAD_FAILED"
+# A publish whose connection drops is tried again on a fresh one, this many times (each
+# try first looks for the file the last one may have published).
+PUBLISH_RETRIES = 2
 # How long invoices already in flight at max_run_seconds may still talk to Nuntiq.
 DEADLINE_GRACE_SECONDS = 60
 # The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
@@ -441,15 +444,20 @@ class InvoiceWorker:
                     step=self.fault,
                 )
 
-        try:
-            return attempt()
-        except SftpUnreachable as exc:
-            log.warning(
-                "SFTP connection lost while publishing %s (%s); reconnecting", file.file_name, exc
-            )
-            if self._lease_too_short(lease):
-                raise LeaseLapsing("lease too close to expiry to retry the upload") from None
-            return attempt()
+        for retry in range(PUBLISH_RETRIES + 1):
+            try:
+                return attempt()
+            except SftpUnreachable as exc:
+                if retry == PUBLISH_RETRIES:
+                    raise
+                log.warning(
+                    "SFTP connection lost while publishing %s (%s); reconnecting",
+                    file.file_name,
+                    exc,
+                )
+                if self._lease_too_short(lease):
+                    raise LeaseLapsing("lease too close to expiry to retry the upload") from None
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _fail_alone(self, token: str, code: str, message: str) -> Outcome:
         self.journal.record_failed(token, code, truncate(message))

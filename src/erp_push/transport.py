@@ -692,7 +692,13 @@ class SftpSession:
             raise
         except (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError) as exc:
             if self._lost(exc):
-                # A timed-out request leaves the SFTP channel out of step: drop it.
+                # A timed-out request leaves the SFTP channel out of step: drop it. A
+                # connection that died takes every channel on it along: close it at
+                # once, so no other worker is handed a sibling channel before paramiko
+                # has noticed.
+                if not isinstance(exc, TimeoutError):
+                    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                        self._transport.close()
                 self.close()
                 raise SftpUnreachable(
                     _short(f"lost sftp {self.options.address} while {what}: {_reason(exc)}")

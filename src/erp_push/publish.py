@@ -103,10 +103,16 @@ class Drop:
 
 def family_names(file_name: str) -> Iterator[str]:
     """``X.csv``, ``X-2.csv``, ``X-3.csv``, ...: the names one invoice's file may carry."""
+    for i in range(MAX_CANDIDATES):
+        yield family_name(file_name, i)
+
+
+def family_name(file_name: str, i: int) -> str:
+    """The ``i``-th name of the family: ``X.csv`` for 0, ``X-2.csv`` for 1, ..."""
+    if i == 0:
+        return file_name
     stem, ext = posixpath.splitext(file_name)
-    yield file_name
-    for n in range(2, MAX_CANDIDATES + 1):
-        yield f"{stem}-{n}{ext}"
+    return f"{stem}-{i + 1}{ext}"
 
 
 _DATED = re.compile(r"(?P<number>.+)-(?P<day>[0-9]{8})(?P<ext>\.[^.]*)?")
@@ -140,7 +146,7 @@ def _ymd(day: date) -> str:
 class _Family:
     """One day's names (X.csv, X-2.csv, ...) and what the folders hold under them."""
 
-    names: list[str]
+    first: str  # the day's own name; the others are derived on demand
     taken: dict[int, list[tuple[str, RemoteStat]]] = field(default_factory=dict)
     looked: int = 0  # names[:looked] have been stat'ed in every folder
     last_taken: int = -1
@@ -151,13 +157,20 @@ class _Family:
             return range(0, 1)
         if self.last_taken < 0:
             return range(0)  # the first name is free: the family ends there
-        end = min(len(self.names), self.last_taken + 1 + GAP)
+        end = min(MAX_CANDIDATES, self.last_taken + 1 + GAP)
         return range(self.looked, max(self.looked, end))
+
+    def name(self, i: int) -> str:
+        return family_name(self.first, i)
 
     def free(self) -> Iterator[str]:
         for i in range(self.looked):
             if i not in self.taken:
-                yield self.names[i]
+                yield self.name(i)
+
+    def unlooked(self) -> Iterator[str]:
+        for i in range(self.looked, MAX_CANDIDATES):
+            yield self.name(i)
 
 
 @dataclass
@@ -181,12 +194,12 @@ def _look(
     caller's own operations to it, e.g. creating the tmp file); only a family whose
     first name is taken costs more waves. Nothing is listed.
     """
-    families = [_Family(list(family_names(name))) for name in day_names(file.file_name)]
+    families = [_Family(name) for name in day_names(file.file_name)]
     first_wave = True
     compared: set[str] = set()
     while True:
         wanted = [
-            (family, i, posixpath.join(folder, family.names[i]))
+            (family, i, posixpath.join(folder, family.name(i)))
             for family in families
             for i in family.wanted()
             for folder in drop.folders
@@ -388,7 +401,7 @@ class _Publishing:
     def _candidates(self, today: _Family) -> Iterator[str]:
         """Today's free names: those looked at first, then the ones after them."""
         yield from today.free()
-        yield from today.names[today.looked :]
+        yield from today.unlooked()
 
     def _taken(self, name: str) -> str | None:
         with self.session.exchange(f"checking {name}") as batch:

@@ -156,8 +156,9 @@ class SessionPool:
         self._login_retry_delay = login_retry_delay
         self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
         self._all: list[SftpSession] = []
-        self._lock = threading.Lock()  # guards _all and _capped
-        self._opening = threading.Lock()  # one channel or login opened at a time
+        self._lock = threading.Lock()  # guards _all, _opening_on and _capped
+        self._logging_in = threading.Lock()  # one new login at a time
+        self._opening_on: dict[int, int] = {}  # channels being opened, per login
         self._capped = False  # the server refused another login: make do with these
         self._traits: ServerTraits | None = None
 
@@ -202,11 +203,7 @@ class SessionPool:
             session = self._take_idle()
             if session is not None:
                 return session
-            with self._opening:
-                session = self._take_idle()  # one may have come back while we waited
-                if session is not None:
-                    return session
-                session = self._open()
+            session = self._open()
             if session is not None:
                 return session
             # Capped: every session is busy; one comes back when its file is done.
@@ -230,30 +227,56 @@ class SessionPool:
             self._discard(session)
 
     def _open(self) -> SftpSession | None:
-        """A new channel on a login with room, else a new login; None when capped."""
-        with self._lock:
-            logins = [s for s in self._all if s.owns_connection and s.connected]
-            roomy = [
-                login
-                for login in logins
-                if sum(1 for s in self._all if s.same_connection(login)) < self._max_channels
-            ]
-            capped = self._capped
-        session: SftpSession | None = None
-        if roomy:
+        """A new channel on a login with room, else a new login; None when capped.
+
+        Channels are opened in parallel (each costs a round trip or two); logins one at
+        a time, since servers throttle bursts of them.
+        """
+        login = self._reserve_channel()
+        if login is not None:
             try:
-                session = roomy[0].open_channel()
+                session = login.open_channel()
             except SftpUnreachable as exc:
                 log.info("%s; opening another connection", exc)
-        if session is None:
-            if capped and logins:
-                return None
+                session = None
+            finally:
+                with self._lock:
+                    self._opening_on[id(login)] -= 1
+            if session is not None:
+                with self._lock:
+                    self._all.append(session)
+                return session
+        with self._logging_in:
+            session = self._take_idle()  # one may have come back while we waited
+            if session is not None:
+                return session
+            login = self._reserve_channel()  # another worker's new login may have room
+            if login is not None:
+                with self._lock:
+                    self._opening_on[id(login)] -= 1
+                return self._open()
+            with self._lock:
+                logins = [s for s in self._all if s.owns_connection and s.connected]
+                if self._capped and logins:
+                    return None
             session = self._login(have_others=bool(logins))
             if session is None:
                 return None
+            with self._lock:
+                self._all.append(session)
+            return session
+
+    def _reserve_channel(self) -> SftpSession | None:
+        """A live login with a free channel slot, the slot counted as taken."""
         with self._lock:
-            self._all.append(session)
-        return session
+            for login in self._all:
+                if not (login.owns_connection and login.connected):
+                    continue
+                used = sum(1 for s in self._all if s.same_connection(login))
+                if used + self._opening_on.get(id(login), 0) < self._max_channels:
+                    self._opening_on[id(login)] = self._opening_on.get(id(login), 0) + 1
+                    return login
+        return None
 
     def _login(self, *, have_others: bool) -> SftpSession | None:
         if not have_others:

@@ -361,6 +361,19 @@ def _open_transport(options: SftpOptions) -> Any:
     return transport
 
 
+# AES-GCM first: an authenticated cipher needs no separate MAC, and paramiko computes and
+# compares MACs in Python for every packet (a measurable share of a busy run's CPU).
+# The rest of paramiko's list follows unchanged, for servers without GCM.
+_FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _prefer_fast_ciphers(transport: Any) -> None:
+    security = transport.get_security_options()
+    offered = list(security.ciphers)
+    preferred = [c for c in _FAST_CIPHERS if c in offered]
+    security.ciphers = preferred + [c for c in offered if c not in preferred]
+
+
 def _prefer_key_types(transport: Any, trusted: set[str]) -> None:
     """Ask for a host key type we already trust, so a server with several keys shows it."""
     if not trusted:
@@ -607,6 +620,7 @@ class SftpSession:
         transport = _open_transport(options)
         try:
             _prefer_key_types(transport, known.key_types)
+            _prefer_fast_ciphers(transport)
             transport.start_client(timeout=options.connect_timeout)
             _verify_host_key(options, transport.get_remote_server_key(), known)
             _authenticate(transport, options)

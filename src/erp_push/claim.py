@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import ssl
 import threading
@@ -275,7 +276,14 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 def _bounded_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTransport:
     """httpx's own transport (with the proxy the environment names, as httpx would pick
     it), its sockets behind ``_DeadlineBackend``."""
-    transport = httpx.HTTPTransport(limits=limits, proxy=_environment_proxy(base_url))
+    transport = httpx.HTTPTransport(
+        limits=limits,
+        proxy=_environment_proxy(base_url),
+        # Every request goes to base_url, and plain http is only allowed on loopback
+        # (wire.base_url_problem): such a client never speaks TLS, so it skips loading
+        # the CA bundle (a third of an idle run's own time, and memory per connection).
+        verify=not base_url.startswith("http://"),
+    )
     # httpx passes no network backend through to httpcore; its pool is where httpcore
     # keeps one. If a later httpx moves it, this fails loudly rather than run unbounded.
     pool = transport._pool
@@ -367,18 +375,16 @@ class NuntiqClient:
         self._sleep = sleep
         self._rng = random.Random()
         self.base_url = base_url.rstrip("/")
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            auth=_ApiKeyAuth(api_key),
-            timeout=httpx.Timeout(timeout),
-            # A redirect would carry X-API-Key to wherever it points; Nuntiq documents none.
-            follow_redirects=False,
-            headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
-            transport=transport or _bounded_transport(self.base_url, limits),
-        )
+        # One httpx client per connection, lent to one request at a time: httpx's own
+        # pool re-examines every pooled connection (a poll() on each socket) for every
+        # request, which with a connection per lane was a large share of a run's CPU.
+        self._max_clients = max_connections
+        self._transport = transport
+        self._spare: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
+        self._clients: list[httpx.Client] = []
+        self._clients_lock = threading.Lock()
+        self._http = self._new_client()  # the first; also what reprs and messages look at
+        self._spare.put(self._http)
         self._log_filter = _KeyRedactor(self._redact)
         for name in HTTP_LOGGERS:
             logging.getLogger(name).addFilter(self._log_filter)
@@ -386,8 +392,42 @@ class NuntiqClient:
     def __repr__(self) -> str:
         return f"NuntiqClient(base_url={self.base_url!r})"
 
+    def _new_client(self) -> httpx.Client:
+        client = httpx.Client(
+            base_url=self.base_url,
+            auth=_ApiKeyAuth(self._api_key),
+            timeout=httpx.Timeout(self._timeout),
+            # A redirect would carry X-API-Key to wherever it points; Nuntiq documents none.
+            follow_redirects=False,
+            headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
+            transport=self._transport
+            or _bounded_transport(
+                self.base_url, httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            ),
+        )
+        self._clients.append(client)
+        return client
+
+    @contextmanager
+    def _lend(self) -> Iterator[httpx.Client]:
+        """A client (one connection) for one request; at most max_connections at once."""
+        try:
+            client = self._spare.get_nowait()
+        except queue.Empty:
+            with self._clients_lock:
+                fresh = len(self._clients) < self._max_clients
+                made = self._new_client() if fresh else None
+            # every connection busy and no room for another: wait for one to come back
+            client = made if made is not None else self._spare.get()
+        try:
+            yield client
+        finally:
+            self._spare.put(client)
+
     def close(self) -> None:
-        self._http.close()
+        with self._clients_lock:
+            for client in self._clients:
+                client.close()
         for name in HTTP_LOGGERS:
             logging.getLogger(name).removeFilter(self._log_filter)
 
@@ -586,7 +626,8 @@ class NuntiqClient:
         try:
             with (
                 _deadline(deadline),
-                self._http.stream(
+                self._lend() as http,
+                http.stream(
                     endpoint.method, path, json=body, timeout=httpx.Timeout(limit)
                 ) as response,
             ):

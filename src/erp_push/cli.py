@@ -180,7 +180,7 @@ class _Stderr:
         return _console()
 
 
-def _finish(report: CommandReport, *, as_json: bool) -> NoReturn:
+def _show_and_exit(report: CommandReport, *, as_json: bool) -> NoReturn:
     """Show a command's report (JSON on stdout, or for people on stderr), then exit."""
     if as_json:
         typer.echo(report.to_json())
@@ -352,7 +352,7 @@ def push(
                 on_outcome=on_outcome,
             )
         )
-    _finish(report, as_json=as_json)
+    _show_and_exit(report, as_json=as_json)
 
 
 @contextmanager
@@ -413,7 +413,7 @@ def dry_run(
 
     cfg = _begin(settings, {Need.NUNTIQ, Need.SFTP}, verbose=verbose, debug=debug)
     report = _guarded(lambda: commands.dry_run(cfg, limit=limit))
-    _finish(report, as_json=as_json)
+    _show_and_exit(report, as_json=as_json)
 
 
 # --- render ---------------------------------------------------------------------------
@@ -487,7 +487,7 @@ def cleanup_tmp(
     report = _guarded(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )
-    _finish(report, as_json=as_json)
+    _show_and_exit(report, as_json=as_json)
 
 
 # --- entry point ----------------------------------------------------------------------

@@ -145,11 +145,6 @@ def fingerprint(key: Any) -> str:
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
 
-def known_hosts_name(host: str, port: int) -> str:
-    """How OpenSSH names a server in known_hosts: ``host`` on 22, ``[host]:port`` otherwise."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 def _reason(exc: BaseException) -> str:
     """A short human reason from a socket/SSH exception (these never carry secrets)."""
     if isinstance(exc, TimeoutError):
@@ -223,7 +218,7 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
 
 def _verify_host_key(options: SftpOptions, server_key: Any, known: known_hosts.HostKeys) -> None:
     """Accept the key only if a configured source vouches for it and none contradicts it."""
-    name = known_hosts_name(options.host, options.port)
+    name = known_hosts.host_name(options.host, options.port)
     seen = f"{server_key.get_name()} {fingerprint(server_key)}"
     pin = options.host_key_sha256
     revoked = known.revocation(server_key.asbytes())

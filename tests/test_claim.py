@@ -974,6 +974,18 @@ def test_other_base_urls_are_refused_clearly(url: str, why: str) -> None:
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["https://host/api?api_key=hunter2", "https://host/api#x", "http://localhost/api?a=1"]
+)
+def test_a_base_url_with_a_query_or_fragment_is_refused_without_echoing_it(url: str) -> None:
+    """One base-URL rule for settings and client: request paths are appended to it, so a
+    query or fragment could not work, and a query string is where keys end up."""
+    with pytest.raises(errors.SettingsError) as caught:
+        NuntiqClient(url, SecretStr("k"))
+    assert "?query or #fragment" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
 def test_an_empty_key_is_refused() -> None:
     with pytest.raises(errors.SettingsError, match="API key is empty"):
         NuntiqClient("https://host/api", SecretStr(" "))

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,13 +25,12 @@ from erp_push import __version__
 from erp_push.cli import app
 from erp_push.errors import ExitCode
 from erp_push.settings import SETTINGS_REFERENCE
+from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-from tests.test_push import run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = ["push", "dry-run", "render", "cleanup-tmp"]
-MakeSettings = Callable[..., Path]
 runner = CliRunner()
 
 

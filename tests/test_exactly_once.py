@@ -28,11 +28,10 @@ from erp_push.claim import NuntiqClient
 from erp_push.errors import ExitCode, RenderError
 from erp_push.journal import Journal, Step
 from erp_push.render import FieldKeys, render_invoice
+from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-from tests.test_push import run_cli
 
-MakeSettings = Callable[..., Path]
 Factory = Callable[..., SftpServerInfo]
 
 LEASE_TTL = 60  # the shortest TTL Nuntiq allows: the sandbox clock is advanced past it

@@ -12,24 +12,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from erp_push import commands
 from erp_push.errors import ExitCode
 from erp_push.report import Result
-from erp_push.settings import Need, load_settings
 from tests import hostile_http
+from tests.helpers import MakeSettings, push
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-
-PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
-MakeSettings = Callable[..., Path]
-
-
-def push(path: Path) -> Any:
-    return commands.push(load_settings(path, needs=PUSH_NEEDS))
 
 
 def test_an_answer_about_another_invoice_is_never_published_as_this_one(

@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from erp_push import commands
 from erp_push.errors import ExitCode
 from erp_push.report import Result
-from erp_push.settings import Need, load_settings
+from tests.helpers import MakeSettings, push, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-from tests.test_push import run_cli
-
-MakeSettings = Callable[..., Path]
-PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
-
-
-def push(path: Path, **kwargs: Any) -> Any:
-    return commands.push(load_settings(path, needs=PUSH_NEEDS), **kwargs)
 
 
 def tmp_files(server: SftpServerInfo, folder: str | None = None) -> list[str]:

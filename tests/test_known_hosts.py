@@ -18,9 +18,9 @@ from erp_push import known_hosts
 from erp_push.errors import ExitCode, HostKeyMismatch, HostKeyRevoked, HostKeyUnknown, SettingsError
 from erp_push.known_hosts import host_matches, host_name, parse
 from erp_push.transport import SftpSession
+from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-from tests.test_push import MakeSettings, run_cli
 
 ED = paramiko.Ed25519Key(data=asyncssh.generate_private_key("ssh-ed25519").public_data)
 OTHER = paramiko.ECDSAKey.generate()

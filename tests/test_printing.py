@@ -14,21 +14,19 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from erp_push.errors import ExitCode, NuntiqTransientError
 from erp_push.report import Outcome, Result, RunReport
-from erp_push.text import json_safe, printable, printable_lines
+from erp_push.text import json_safe, printable, printable_lines, shorten
+from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-from tests.test_push import run_cli
 
-MakeSettings = Callable[..., Path]
 # Erase the line, return to its start, set the window title, ring the bell.
 HOSTILE = "\x1b[2K\rall invoices delivered\x1b]0;pwned\x07"
 RAW_CONTROLS = ("\x1b", "\r", "\x07", "\x9b", "\u202e")
@@ -61,6 +59,15 @@ def test_json_safe_means_the_same_document_without_raw_controls() -> None:
         assert json.loads(document) == data
         assert_no_raw_controls(document)
         assert "é" in document
+
+
+def test_shorten_cuts_to_the_bound_with_an_ellipsis() -> None:
+    assert shorten("abc", 3) == "abc"
+    assert shorten("abcdef", 4) == "abc…"
+    assert len(shorten("x" * 900, 500)) == 500
+    # Counted as the caller's reader counts: an emoji is 2 UTF-16 units, never split.
+    utf16 = shorten("🙂" * 10, 6, measure=lambda t: len(t.encode("utf-16-le")) // 2)
+    assert utf16 == "🙂🙂…"
 
 
 # --- a Nuntiq server with control characters in its answers -----------------------------
@@ -150,6 +157,25 @@ def test_cleanup_tmp_prints_hostile_remote_names_escaped(
     assert f"would remove /outbox/x{printable(HOSTILE)}.0a1b2c3d.erp-push.tmp" in shown.stderr
 
     listed = run_cli("cleanup-tmp", "--settings", settings, "--dry-run", "--json")
+    assert_no_raw_controls(listed.stdout)
+    assert [f["path"] for f in json.loads(listed.stdout)["stale"]] == [name]
+
+
+def test_cleanup_tmp_json_escapes_c1_and_bidi_controls_too(
+    asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, sandbox: Sandbox
+) -> None:
+    """json.dumps escapes C0 itself, not CSI (U+009B) or a right-to-left override: the
+    JSON of cleanup-tmp goes through the same json_safe as every other report."""
+    name = "/outbox/x\x9b2K\u202egnp.0a1b2c3d.erp-push.tmp"
+    asyncssh_sftp.write(name, b"data")
+    old = time.time() - 3 * 3600
+    os.utime(asyncssh_sftp.local(name), (old, old))
+
+    listed = run_cli(
+        "cleanup-tmp", "--settings", str(make_settings(asyncssh_sftp)), "--dry-run", "--json"
+    )
+
+    assert listed.returncode == 0, listed.stderr
     assert_no_raw_controls(listed.stdout)
     assert [f["path"] for f in json.loads(listed.stdout)["stale"]] == [name]
 

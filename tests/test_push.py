@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,30 +21,10 @@ from erp_push.claim import NuntiqClient
 from erp_push.errors import ExitCode
 from erp_push.render import FieldKeys, render_invoice
 from erp_push.report import Result
-from erp_push.settings import Need, load_settings
+from erp_push.settings import load_settings
+from tests.helpers import PUSH_NEEDS, MakeSettings, push, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
-
-PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
-MakeSettings = Callable[..., Path]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """The real command line in a child process: what cron sees, stdout and stderr apart."""
-    return subprocess.run(
-        [sys.executable, "-m", "erp_push", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def push(path: Path, **kwargs: Any) -> Any:
-    return commands.push(load_settings(path, needs=PUSH_NEEDS), **kwargs)
 
 
 def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes]:
@@ -513,7 +491,7 @@ def test_a_run_stalled_past_its_lease_never_publishes_its_tmp(
             stalled.append(step)
             time.sleep(2.5)  # the lease now has less than the margin left
 
-    monkeypatch.setattr(pipeline, "crash_point", stall)
+    monkeypatch.setattr(pipeline, "checkpoint", stall)
     report = push(make_settings(server, config={"lease_ttl_seconds": 60}))
 
     assert stalled == ["tmp_written"]

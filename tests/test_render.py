@@ -15,13 +15,10 @@ from typing import Any
 
 import pytest
 
-from erp_push.errors import RenderError
+from erp_push.errors import FailureCode, RenderError
 from erp_push.models import Invoice, InvoiceField
 from erp_push.render import (
     MAX_FILE_NAME_BYTES,
-    RENDER_INVALID_VALUE,
-    RENDER_MISSING_FIELD,
-    RENDER_UNSAFE_VALUE,
     FieldKeys,
     RenderedFile,
     file_name_for,
@@ -353,7 +350,7 @@ def test_missing_invoice_number_fails(number: str | None) -> None:
     with pytest.raises(RenderError) as caught:
         render(invoice)
 
-    assert caught.value.failure_code == RENDER_MISSING_FIELD
+    assert caught.value.failure_code == FailureCode.RENDER_MISSING_FIELD
     assert "invoiceNumber" in caught.value.message
 
 
@@ -375,7 +372,7 @@ def test_invoice_number_that_cannot_be_seen_is_missing(number: str) -> None:
     with pytest.raises(RenderError) as caught:
         render(nuntiq_invoice({**NORMAL, "invoiceNumber": number}))
 
-    assert caught.value.failure_code == RENDER_MISSING_FIELD
+    assert caught.value.failure_code == FailureCode.RENDER_MISSING_FIELD
     assert "invoiceNumber" in caught.value.message
     assert f"U+{ord(number.strip(' ')[0]):04X}" in caught.value.message
 
@@ -399,7 +396,7 @@ def test_absent_invoice_number_field_fails() -> None:
     with pytest.raises(RenderError) as caught:
         render(nuntiq_invoice(fields))
 
-    assert caught.value.failure_code == RENDER_MISSING_FIELD
+    assert caught.value.failure_code == FailureCode.RENDER_MISSING_FIELD
 
 
 UNSAFE_CHARACTERS = ["\t", "\n", "\r", "\x00", "\x1b", "\u2028", "\u2029", "\u202e", "\x85"]
@@ -423,7 +420,7 @@ def test_unsafe_character_in_any_field_fails(char: str, key: str, column: str) -
     with pytest.raises(RenderError) as caught:
         render(invoice)
 
-    assert caught.value.failure_code == RENDER_UNSAFE_VALUE
+    assert caught.value.failure_code == FailureCode.RENDER_UNSAFE_VALUE
     assert column in caught.value.message
     assert f"U+{ord(char):04X}" in caught.value.message
     assert secret_looking_tail not in caught.value.message
@@ -436,7 +433,7 @@ def test_unsafe_character_at_the_end_is_not_trimmed_away(char: str) -> None:
     with pytest.raises(RenderError) as caught:
         render(invoice)
 
-    assert caught.value.failure_code == RENDER_UNSAFE_VALUE
+    assert caught.value.failure_code == FailureCode.RENDER_UNSAFE_VALUE
 
 
 def test_unsafe_character_in_vendor_address_name_fails() -> None:
@@ -446,7 +443,7 @@ def test_unsafe_character_in_vendor_address_name_fails() -> None:
     with pytest.raises(RenderError) as caught:
         render(nuntiq_invoice(fields, addresses=addresses))
 
-    assert caught.value.failure_code == RENDER_UNSAFE_VALUE
+    assert caught.value.failure_code == FailureCode.RENDER_UNSAFE_VALUE
     assert "supplier_code" in caught.value.message
 
 
@@ -457,7 +454,7 @@ def test_values_that_are_not_plain_values_fail(value: Any) -> None:
     with pytest.raises(RenderError) as caught:
         render(invoice)
 
-    assert caught.value.failure_code == RENDER_INVALID_VALUE
+    assert caught.value.failure_code == FailureCode.RENDER_INVALID_VALUE
     assert "grossAmount" in caught.value.message
 
 

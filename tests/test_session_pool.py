@@ -36,7 +36,7 @@ def test_a_dead_connection_is_never_handed_out_again(asyncssh_sftp: SftpServerIn
     pool = _pool(asyncssh_sftp, logins)
     with pool.session() as owner, pool.session() as channel:
         pass  # both idle now, on one connection
-    logins[0]._transport.close()  # the connection drops under the idle sessions
+    logins[0]._ssh.close()  # the connection drops under the idle sessions
     assert not owner.connected and not channel.connected
 
     with pool.session() as fresh:

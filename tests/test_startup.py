@@ -11,15 +11,14 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 from erp_push import __version__
+from tests.helpers import MakeSettings
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-MakeSettings = Callable[..., Path]
 # What an idle run must never load: the SSH stack and the module that drives it, and the
 # rich console (an idle run prints one plain line).
 NEVER_WHEN_IDLE = ("paramiko", "cryptography", "erp_push.transport", "rich.console")

@@ -22,10 +22,9 @@ import pytest
 
 from erp_push.errors import ExitCode
 from erp_push.journal import Journal
+from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
-from tests.test_push import run_cli
 
-MakeSettings = Callable[..., Path]
 STATE_DIR_LABEL = "config.state_dir (env ERP_PUSH_STATE_DIR)"
 
 

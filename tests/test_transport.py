@@ -30,7 +30,7 @@ from erp_push.errors import (
     SftpOperationError,
     SftpUnreachable,
 )
-from erp_push.publish import Delivery, Drop
+from erp_push.publish import Checkpoint, Delivery, Drop
 from erp_push.render import RenderedFile
 from erp_push.transport import TMP_PATTERN, SftpOptions, SftpSession, fingerprint
 from tests.sftp_servers.fixtures import SftpServerInfo
@@ -55,11 +55,11 @@ def publish_on(
     outbox: str,
     sent: str | None,
     file: RenderedFile,
-    fault: Callable[[str], None] | None = None,
+    on_checkpoint: Checkpoint | None = None,
 ) -> Delivery:
     """Publish as the pipeline does, in the mode the session's options name."""
     drop = Drop(outbox=outbox, sent=sent, mode=session.options.publish_mode)
-    return publishing.publish(session, drop, file, step=fault)
+    return publishing.publish(session, drop, file, on_checkpoint=on_checkpoint)
 
 
 def find_delivered(
@@ -71,10 +71,10 @@ def find_delivered(
 def publish(
     info: SftpServerInfo,
     file: RenderedFile | None = None,
-    fault: Callable[[str], None] | None = None,
+    on_checkpoint: Checkpoint | None = None,
 ) -> Delivery:
     with SftpSession.connect(info.options()) as session:
-        return publish_on(session, info.outbox, info.sent, file or rendered(), fault)
+        return publish_on(session, info.outbox, info.sent, file or rendered(), on_checkpoint)
 
 
 def tmp_files(info: SftpServerInfo) -> list[str]:
@@ -193,7 +193,7 @@ def test_target_appearing_before_publish_is_never_overwritten(
         if step == "tmp_written":  # someone takes our name behind our back
             info.write(f"{info.outbox}/{NAME}", b"intruder")
 
-    delivery = publish(info, fault=intruder)
+    delivery = publish(info, on_checkpoint=intruder)
 
     assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
     assert info.files() == {
@@ -212,7 +212,7 @@ def test_identical_file_appearing_before_publish_means_delivered(
         if step == "tmp_written":
             info.write(f"{info.sent}/{NAME}", BODY)
 
-    delivery = publish(info, fault=concurrent_run)
+    delivery = publish(info, on_checkpoint=concurrent_run)
 
     assert delivery == Delivery(remote_path=f"{info.sent}/{NAME}", already_delivered=True)
     assert info.files() == {f"{info.sent}/{NAME}": BODY}
@@ -249,7 +249,7 @@ def test_openssh_never_overwrites(openssh: SftpServerInfo) -> None:
         if step == "tmp_written":
             openssh.write(f"{openssh.outbox}/{NAME}", b"intruder")
 
-    delivery = publish(openssh, fault=intruder)
+    delivery = publish(openssh, on_checkpoint=intruder)
 
     assert delivery.remote_path == f"{openssh.outbox}/ABC-20260101-2.csv"
     assert openssh.read(f"{openssh.outbox}/{NAME}") == b"intruder"
@@ -265,7 +265,7 @@ def test_sftpserver_rename_overwrites_but_recheck_prevents_it(
         if step == "tmp_written":
             info.write(f"{info.outbox}/{NAME}", b"intruder")
 
-    delivery = publish(info, fault=intruder)
+    delivery = publish(info, on_checkpoint=intruder)
 
     assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
     assert info.read(f"{info.outbox}/{NAME}") == b"intruder"

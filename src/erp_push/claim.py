@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import IO, Any, BinaryIO, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -273,10 +272,10 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-def _bounded_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTransport:
+def _bounded_http_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTransport:
     """httpx's own transport (with the proxy the environment names, as httpx would pick
     it), its sockets behind ``_DeadlineBackend``."""
-    transport = httpx.HTTPTransport(
+    http_transport = httpx.HTTPTransport(
         limits=limits,
         proxy=_environment_proxy(base_url),
         # Every request goes to base_url, and plain http is only allowed on loopback
@@ -286,14 +285,14 @@ def _bounded_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTranspo
     )
     # httpx passes no network backend through to httpcore; its pool is where httpcore
     # keeps one. If a later httpx moves it, this fails loudly rather than run unbounded.
-    pool = transport._pool
+    pool = http_transport._pool
     pool._network_backend = _DeadlineBackend(pool._network_backend)
-    return transport
+    return http_transport
 
 
 def _environment_proxy(base_url: str) -> str | None:
     """The proxy httpx itself would take for this URL (HTTPS_PROXY / HTTP_PROXY /
-    ALL_PROXY, or the system's), unless NO_PROXY exempts its host: our transport replaces
+    ALL_PROXY, or the system's), unless NO_PROXY exempts its host: our HTTP transport replaces
     the one httpx would have built, and must not lose that."""
     parts = urlsplit(base_url)
     if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
@@ -340,7 +339,7 @@ class NuntiqClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         deadline: float | None = None,
-        transport: httpx.BaseTransport | None = None,
+        http_transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """Raises ``errors.SettingsError`` for a base URL that is not https (or loopback
@@ -353,9 +352,9 @@ class NuntiqClient:
         ``max_reply_bytes`` is the largest success answer read (an invoice is the largest).
         ``deadline`` (a ``time.monotonic`` value, also settable later as ``.deadline``):
         after it no invoice call starts and none is retried (``NuntiqDeadlineReached``);
-        bookkeeping calls still go, within their own short budget. ``transport`` replaces
-        the HTTP transport (then only httpx's per-operation timeouts apply); ``sleep`` is
-        how retries wait (tests pass a recorder).
+        bookkeeping calls still go, within their own short budget. ``http_transport``
+        replaces httpx's transport (then only httpx's per-operation timeouts apply);
+        ``sleep`` is how retries wait (tests pass a recorder).
         """
         problems = []
         if problem := wire.base_url_problem(base_url):
@@ -379,7 +378,7 @@ class NuntiqClient:
         # pool re-examines every pooled connection (a poll() on each socket) for every
         # request, which with a connection per lane was a large share of a run's CPU.
         self._max_clients = max_connections
-        self._transport = transport
+        self._http_transport = http_transport
         self._spare: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
         self._clients: list[httpx.Client] = []
         self._clients_lock = threading.Lock()
@@ -400,8 +399,8 @@ class NuntiqClient:
             # A redirect would carry X-API-Key to wherever it points; Nuntiq documents none.
             follow_redirects=False,
             headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
-            transport=self._transport
-            or _bounded_transport(
+            transport=self._http_transport
+            or _bounded_http_transport(
                 self.base_url, httpx.Limits(max_connections=1, max_keepalive_connections=1)
             ),
         )
@@ -434,12 +433,7 @@ class NuntiqClient:
     def __enter__(self) -> NuntiqClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
     # --- the claim flow ---------------------------------------------------------------
@@ -637,7 +631,7 @@ class NuntiqClient:
         except httpx.TransportError as exc:
             # Not chained: httpx's exception text may quote a header it refused (the
             # key) and tracebacks print causes; our message has the kind and details.
-            raise self._transport_failure(endpoint, exc, limit) from None
+            raise self._no_answer(endpoint, exc, limit) from None
 
     def _read_reply(self, endpoint: wire.Endpoint, response: httpx.Response) -> bytes:
         """The whole body, unless it is larger than ``max_reply_bytes``: then reading
@@ -735,13 +729,13 @@ class NuntiqClient:
         described = wire.describe_status(response.status_code, error.code, reason)
         return _Retryable(error, described, retry_after)
 
-    def _transport_failure(
+    def _no_answer(
         self, endpoint: wire.Endpoint, exc: httpx.TransportError, limit: float
     ) -> _Retryable | errors.NuntiqError:
         """The error for a request that got no (complete) answer; wrapped in ``_Retryable``
         for lost connections and timeouts."""
         kind = type(exc).__name__
-        retryable = _is_retryable_transport(exc)
+        retryable = _is_retryable_no_answer(exc)
         # A failure on our side (e.g. httpx refusing a header) quotes what it refused,
         # which may be the key in an escaped form: only the kind is kept then.
         detail = self._redact(str(exc)) if retryable else ""
@@ -777,7 +771,7 @@ class NuntiqClient:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _is_retryable_transport(exc: httpx.TransportError) -> bool:
+def _is_retryable_no_answer(exc: httpx.TransportError) -> bool:
     """Lost or refused connections and timeouts; not our own protocol or proxy mistakes."""
     return isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError)
 

@@ -12,7 +12,6 @@ table, a progress bar, colour on a terminal). ``tests/test_startup.py`` holds th
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -21,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from types import FrameType
@@ -30,13 +29,13 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from erp_push import __version__
-from erp_push.errors import ErpPushError, ExitCode
-from erp_push.text import json_safe, printable, printable_lines
+from erp_push.errors import ErpPushError
+from erp_push.text import printable, printable_lines
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from erp_push.report import Outcome, RunReport
+    from erp_push.report import CommandReport, Outcome
     from erp_push.settings import Need, Settings
 
 EXIT_CODES_HELP = (
@@ -123,13 +122,20 @@ def _main(
     _configure_logging(verbose=verbose, debug=debug)
 
 
-def _begin(settings: Path | None, *, verbose: bool, debug: bool) -> Path | None:
-    """Merge a command's own global options with those given before it; the settings file
-    to use (None: the default)."""
+def _begin(settings: Path | None, needs: set[Need], *, verbose: bool, debug: bool) -> Settings:
+    """Merge a command's own global options with those given before it, then load the
+    settings the command ``needs`` (from its own --settings, else the global one, else
+    the default file)."""
     _State.verbose = _State.verbose or verbose
     _State.debug = _State.debug or debug
     _configure_logging(verbose=_State.verbose, debug=_State.debug)
-    return settings if settings is not None else _State.settings
+    path = settings if settings is not None else _State.settings
+    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
+
+    loaded = _guarded(lambda: load_settings(path, needs=needs))
+    # Which file a run read is the first question when it does not do what was expected.
+    log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
+    return loaded
 
 
 # --- output for people: plain lines, rich only when something is drawn -----------------
@@ -161,6 +167,28 @@ def _say(text: str, *, label: str = "", style: str = "", lines: bool = False) ->
         return
     sys.stderr.write(f"{label} {text}\n" if label else f"{text}\n")
     sys.stderr.flush()
+
+
+class _Stderr:
+    """The ``report.Screen`` every command's report shows itself on."""
+
+    def say(self, text: str, *, label: str = "", style: str = "") -> None:
+        _say(text, label=label, style=style)
+
+    @property
+    def console(self) -> Console:
+        return _console()
+
+
+def _show_and_exit(report: CommandReport, *, as_json: bool) -> NoReturn:
+    """Show a command's report (JSON on stdout, or for people on stderr), then exit."""
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        report.show(_Stderr())
+    if report.error is not None:
+        _error(report.error)
+    raise typer.Exit(int(report.exit_code))
 
 
 # --- logging ----------------------------------------------------------------------------
@@ -287,15 +315,6 @@ def _traceback(exc: BaseException) -> None:
     sys.stderr.write(printable_lines("".join(traceback.format_exception(exc))))
 
 
-def _settings(path: Path | None, needs: set[Need]) -> Settings:
-    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
-
-    settings = _guarded(lambda: load_settings(path, needs=needs))
-    # Which file a run read is the first question when it does not do what was expected.
-    log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
-    return settings
-
-
 # --- push -----------------------------------------------------------------------------
 
 
@@ -320,8 +339,9 @@ def push(
     from erp_push import commands
     from erp_push.settings import Need
 
-    path = _begin(settings, verbose=verbose, debug=debug)
-    cfg = _settings(path, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR})
+    cfg = _begin(
+        settings, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}, verbose=verbose, debug=debug
+    )
     with _progress(enabled=not as_json and _is_terminal()) as (on_claimed, on_outcome):
         report = _guarded(
             lambda: commands.push(
@@ -332,8 +352,7 @@ def push(
                 on_outcome=on_outcome,
             )
         )
-    _print_run(report, as_json=as_json)
-    raise typer.Exit(int(report.exit_code))
+    _show_and_exit(report, as_json=as_json)
 
 
 @contextmanager
@@ -367,17 +386,6 @@ def _progress(
         )
 
 
-def _print_run(report: RunReport, *, as_json: bool) -> None:
-    if as_json:
-        typer.echo(report.to_json())
-    elif report.outcomes or report.notes:
-        report.render_table(_console())
-    else:
-        _say(report.summary_line())
-    if report.error is not None:
-        _error(report.error)
-
-
 # --- dry-run --------------------------------------------------------------------------
 
 
@@ -403,61 +411,9 @@ def dry_run(
     from erp_push import commands
     from erp_push.settings import Need
 
-    path = _begin(settings, verbose=verbose, debug=debug)
-    cfg = _settings(path, {Need.NUNTIQ, Need.SFTP})
+    cfg = _begin(settings, {Need.NUNTIQ, Need.SFTP}, verbose=verbose, debug=debug)
     report = _guarded(lambda: commands.dry_run(cfg, limit=limit))
-    note = (
-        f"dry-run leased these invoices for {report.lease_ttl_seconds} s to look at them "
-        "(Nuntiq has no list call); they return to the queue after that"
-    )
-    if as_json:
-        typer.echo(
-            json_safe(
-                json.dumps(
-                    {
-                        "lease_ttl_seconds": report.lease_ttl_seconds,
-                        "note": note,
-                        "invoices": [p.__dict__ for p in report.planned],
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        )
-        return
-    if not report.planned:
-        _say("Nothing to push: no invoices are pending integration.")
-        return
-    from rich.markup import escape
-    from rich.table import Table
-
-    def _escape(text: str) -> str:
-        # Server text in cells: never read as markup, control characters escaped.
-        return escape(printable(text))
-
-    table = Table(title="erp-push dry-run (nothing written)", title_justify="left")
-    for column in ("invoice", "file name", "note"):
-        table.add_column(column)
-    for p in report.planned:
-        if p.failure_code:
-            table.add_row(
-                _escape(p.invoice_number or p.invoice_token),
-                "-",
-                f"[red]{p.failure_code}[/red] {_escape(p.message or '')}",
-            )
-        elif p.already_delivered:
-            table.add_row(
-                _escape(p.invoice_number or ""),
-                "-",
-                f"already delivered as {_escape(p.already_delivered)}",
-            )
-        else:
-            table.add_row(
-                _escape(p.invoice_number or ""),
-                _escape(p.file_name or ""),
-                _escape(p.collision or ""),
-            )
-    _console().print(table)
-    _say(note, label="note:", style="dim")
+    _show_and_exit(report, as_json=as_json)
 
 
 # --- render ---------------------------------------------------------------------------
@@ -488,8 +444,7 @@ def render(
     from erp_push import commands
     from erp_push.settings import Need
 
-    path = _begin(settings, verbose=verbose, debug=debug)
-    cfg = _settings(path, {Need.NUNTIQ})
+    cfg = _begin(settings, {Need.NUNTIQ}, verbose=verbose, debug=debug)
     today: date | None = on_date.date() if on_date else None
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
     if output is not None:
@@ -528,47 +483,11 @@ def cleanup_tmp(
     from erp_push import commands
     from erp_push.settings import Need
 
-    path = _begin(settings, verbose=verbose, debug=debug)
-    cfg = _settings(path, {Need.SFTP})
+    cfg = _begin(settings, {Need.SFTP}, verbose=verbose, debug=debug)
     report = _guarded(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "dry_run": dry_run,
-                    "older_than_minutes": older_than,
-                    "stale": [_remote(f) for f in report.stale],
-                    "removed": [_remote(f) for f in report.removed],
-                    "not_removed": [
-                        {**_remote(n.file), "error": n.reason} for n in report.not_removed
-                    ],
-                },
-                ensure_ascii=False,
-            )
-        )
-    elif dry_run:
-        for f in report.stale:
-            _say(f.path, label="would remove")
-        _say(f"{len(report.stale)} stale tmp file(s) older than {older_than} min (dry run)")
-    else:
-        for f in report.removed:
-            _say(f.path, label="removed")
-        for n in report.not_removed:
-            _say(f"{n.file.path}: {n.reason}", label="could not remove", style="bold red")
-        summary = f"{len(report.removed)} stale tmp file(s) removed (older than {older_than} min)"
-        if report.not_removed:
-            summary += f"; {len(report.not_removed)} could not be removed"
-        _say(summary)
-    raise typer.Exit(ExitCode.SOME_FAILED if report.not_removed else ExitCode.OK)
-
-
-def _remote(f: Any) -> dict[str, Any]:
-    mtime = getattr(f, "mtime", None)
-    if isinstance(mtime, datetime):
-        mtime = mtime.astimezone(UTC).isoformat()
-    return {"path": f.path, "size": getattr(f, "size", None), "mtime": mtime}
+    _show_and_exit(report, as_json=as_json)
 
 
 # --- entry point ----------------------------------------------------------------------

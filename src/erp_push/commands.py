@@ -1,15 +1,15 @@
 """One function per CLI command: settings in, a result out. No printing here.
 
-The CLI parses options, loads settings, calls one of these and hands the result to
-``report``. Tests call them directly too; each takes optional ready-made clients (seams)
-and builds real ones from settings only when none are passed.
+The CLI parses options, loads settings, calls one of these and shows the result (a
+``report.CommandReport``, or the rendered file). Tests call them directly too; each takes
+optional ready-made clients (seams) and builds real ones from settings only when none
+are passed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,13 +19,20 @@ from erp_push.errors import RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
 from erp_push.pipeline import Pusher, PushPlan
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
-from erp_push.report import Outcome, RunReport
+from erp_push.report import (
+    CleanupReport,
+    DryRunReport,
+    NotRemoved,
+    Outcome,
+    PreviewedFile,
+    RunReport,
+)
 from erp_push.settings import Settings
 
 if TYPE_CHECKING:
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
-    from erp_push.transport import RemoteFile, SftpOptions, SftpSession
+    from erp_push.transport import SftpOptions, SftpSession
 
 log = logging.getLogger("erp_push.commands")
 
@@ -166,24 +173,6 @@ def push(
 # --- dry-run --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PlannedFile:
-    invoice_token: str
-    invoice_number: str | None
-    file_name: str | None  # the name it would get (after collision suffixes)
-    collision: str | None = None  # what made the name differ from the rendered one
-    already_delivered: str | None = None  # path of an identical file already there
-    failure_code: str | None = None
-    message: str | None = None
-
-
-@dataclass
-class DryRunReport:
-    lease_ttl_seconds: int
-    planned: list[PlannedFile] = field(default_factory=list)
-    sftp_checked: bool = False
-
-
 def dry_run(
     settings: Settings,
     *,
@@ -223,7 +212,7 @@ def dry_run(
         report.sftp_checked = True
         try:
             for token, item in rendered:
-                report.planned.append(_plan_one(session, plan, token, item))
+                report.files.append(_preview_one(session, plan, token, item))
         finally:
             session.close()
         return report
@@ -232,20 +221,22 @@ def dry_run(
             client.close()
 
 
-def _plan_one(
+def _preview_one(
     session: SftpSession, plan: PushPlan, token: str, item: RenderedFile | RenderError
-) -> PlannedFile:
+) -> PreviewedFile:
     if isinstance(item, RenderError):
-        return PlannedFile(token, None, None, failure_code=item.failure_code, message=str(item))
+        return PreviewedFile(token, None, None, failure_code=item.failure_code, message=str(item))
     from erp_push import publish
 
     drop = publish.Drop(outbox=plan.outbox, sent=plan.sent)
-    delivery = publish.plan(session, drop, item)
+    delivery = publish.preview(session, drop, item)
     if delivery.already_delivered:
-        return PlannedFile(token, item.invoice_number, None, already_delivered=delivery.remote_path)
+        return PreviewedFile(
+            token, item.invoice_number, None, already_delivered=delivery.remote_path
+        )
     name = delivery.remote_path.rpartition("/")[2]
     collision = None if name == item.file_name else f"{item.file_name} is taken"
-    return PlannedFile(token, item.invoice_number, name, collision=collision)
+    return PreviewedFile(token, item.invoice_number, name, collision=collision)
 
 
 # --- render ---------------------------------------------------------------------------
@@ -273,19 +264,6 @@ def render_one(
 # --- cleanup-tmp ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NotRemoved:
-    file: RemoteFile
-    reason: str  # what the server said
-
-
-@dataclass
-class CleanupReport:
-    stale: list[RemoteFile] = field(default_factory=list)
-    removed: list[RemoteFile] = field(default_factory=list)  # only those really removed
-    not_removed: list[NotRemoved] = field(default_factory=list)
-
-
 def cleanup_tmp(
     settings: Settings,
     *,
@@ -296,7 +274,7 @@ def cleanup_tmp(
     """List, and unless ``dry_run`` remove, erp-push's own stale tmp files in the outbox."""
     outbox = settings.config.remote_outbox
     assert outbox is not None
-    report = CleanupReport()
+    report = CleanupReport(older_than=older_than, dry_run=dry_run)
     session = (connect_sftp or sftp_connector(settings))()
     try:
         report.stale = session.list_stale_tmp(outbox, older_than)
@@ -313,10 +291,6 @@ def cleanup_tmp(
 
 
 __all__ = [
-    "CleanupReport",
-    "DryRunReport",
-    "NotRemoved",
-    "PlannedFile",
     "cleanup_tmp",
     "dry_run",
     "push",

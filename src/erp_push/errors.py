@@ -5,6 +5,9 @@ Every failure erp-push knows about is one of these. Each class says
 - which exit code the CLI ends with when the error stops a run (``exit_code``),
 - a short ``hint`` telling the operator what to do.
 
+``FailureCode`` lists every code an invoice can be reported to Nuntiq with: Nuntiq's users
+see them, so they are a contract (the README's table lists each one, checked by a test).
+
 Only ``cli.py`` turns them into output. Messages never contain secrets: code that
 raises these builds messages from hosts, paths, status codes and server error codes,
 never from credentials or request headers.
@@ -12,7 +15,7 @@ never from credentials or request headers.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class ExitCode(IntEnum):
@@ -22,6 +25,27 @@ class ExitCode(IntEnum):
     SETTINGS = 3  # bad or missing settings; nothing was done
     NUNTIQ = 4  # Nuntiq unreachable or refusing (auth, permissions, protocol)
     SFTP = 5  # SFTP server unreachable or refusing (host key, login, folders)
+
+
+class FailureCode(StrEnum):
+    """Why one invoice failed, as reported to Nuntiq (``failure_code``, status 97)."""
+
+    # The invoice cannot be written as a file the ERP reads correctly (render.py).
+    RENDER_MISSING_FIELD = "RENDER_MISSING_FIELD"
+    RENDER_UNSAFE_VALUE = "RENDER_UNSAFE_VALUE"
+    RENDER_INVALID_VALUE = "RENDER_INVALID_VALUE"
+    RENDER_FAILED = "RENDER_FAILED"  # an unexpected error while rendering: a bug
+    # Nuntiq served this invoice in a shape erp-push cannot use (claim.py).
+    NUNTIQ_INVOICE_INVALID = "NUNTIQ_INVOICE_INVALID"
+    NUNTIQ_INVOICE_TOO_LARGE = "NUNTIQ_INVOICE_TOO_LARGE"
+    # The SFTP server refused this file (transport.py decides from the status code,
+    # publish.py from statvfs where the status says nothing).
+    SFTP_PERMISSION_DENIED = "SFTP_PERMISSION_DENIED"
+    SFTP_DISK_FULL = "SFTP_DISK_FULL"
+    SFTP_PUBLISH_FAILED = "SFTP_PUBLISH_FAILED"
+    SFTP_UPLOAD_FAILED = "SFTP_UPLOAD_FAILED"
+    # A failure the journal holds without its code (never written by this version).
+    UNKNOWN_FAILURE = "UNKNOWN_FAILURE"
 
 
 class ErpPushError(Exception):
@@ -175,14 +199,14 @@ class NuntiqProtocolError(NuntiqFatalError):
     """A 2xx response whose body does not match the contract (after retries, for one that
     is not JSON at all). For an invoice, ``failure_code`` is what it fails with, alone."""
 
-    failure_code = "NUNTIQ_INVOICE_INVALID"
+    failure_code = FailureCode.NUNTIQ_INVOICE_INVALID
 
 
 class NuntiqReplyTooLarge(NuntiqProtocolError):
     """A 2xx response larger than the client reads (``max_reply_bytes``): reading stopped
     there, so memory stays bounded. An invoice that large fails alone."""
 
-    failure_code = "NUNTIQ_INVOICE_TOO_LARGE"
+    failure_code = FailureCode.NUNTIQ_INVOICE_TOO_LARGE
     hint = "Raise config.max_invoice_bytes if invoices that large are expected."
 
 
@@ -263,7 +287,7 @@ class SftpOperationError(ErpPushError):
         self,
         message: str,
         *,
-        failure_code: str = "SFTP_UPLOAD_FAILED",
+        failure_code: FailureCode = FailureCode.SFTP_UPLOAD_FAILED,
         sftp_code: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -294,6 +318,6 @@ class RenderError(ErpPushError):
     RENDER_UNSAFE_VALUE).
     """
 
-    def __init__(self, message: str, *, failure_code: str) -> None:
+    def __init__(self, message: str, *, failure_code: FailureCode) -> None:
         super().__init__(message)
         self.failure_code = failure_code

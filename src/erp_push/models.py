@@ -1,4 +1,5 @@
-"""Typed payloads exchanged with Nuntiq, and the plain objects that flow through a push.
+"""Typed payloads exchanged with Nuntiq: what it sends (``Lease``, ``Invoice``, ...) and
+what erp-push reports back (``IntegrationResult``).
 
 Tolerant where Nuntiq may grow (unknown fields are kept but ignored, unknown status codes
 such as 95/96/98 are accepted), strict where erp-push depends on a value (tokens, lease
@@ -15,17 +16,24 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
+def number_text(value: int | float | Decimal) -> str:
+    """A number as the text Nuntiq meant: no float noise, no exponent.
+
+    repr() of a float is the shortest text that round-trips (12.1 → "12.1", not
+    12.0999…); format "f" avoids exponents (1e+20 → "100000000000000000000").
+    """
+    exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return format(exact, "f")
+
+
 def _money_as_text(value: Any) -> str | None:
     """Numbers and numeric strings both become text, without float noise."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError("a boolean is not an amount")
-    if isinstance(value, float):
-        # repr() of a float is the shortest text that round-trips: 12.1 -> "12.1".
-        return format(Decimal(repr(value)), "f")
-    if isinstance(value, int | Decimal):
-        return format(Decimal(value), "f")
+    if isinstance(value, int | float | Decimal):
+        return number_text(value)
     return str(value)
 
 
@@ -169,8 +177,12 @@ class AcknowledgeResponse(Model):
     idempotent: bool | None = None
 
 
+# external_message_1 of a delivered invoice, beside its path in external_id_1.
+DELIVERED_MESSAGE = "SFTP_DELIVERED"
+
+
 class IntegrationResult(Model):
-    """What we report for one invoice. Build with ``success()`` or ``failure()``."""
+    """What we report for one invoice. Build with ``delivered()`` or ``failed()``."""
 
     success: bool
     external_ids: tuple[str | None, str | None, str | None] = (None, None, None)
@@ -179,7 +191,7 @@ class IntegrationResult(Model):
     failure_message: str | None = None
 
     @classmethod
-    def delivered(cls, remote_path: str, message: str = "SFTP_DELIVERED") -> IntegrationResult:
+    def delivered(cls, remote_path: str, message: str = DELIVERED_MESSAGE) -> IntegrationResult:
         return cls(
             success=True,
             external_ids=(remote_path, None, None),

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
     ErpPushError,
+    FailureCode,
     InvalidTransition,
     LeaseExpired,
     LeaseLapsing,
@@ -54,7 +55,7 @@ from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
-    from erp_push.publish import Delivery, ServerTraits
+    from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
 log = logging.getLogger("erp_push.pipeline")
@@ -72,11 +73,17 @@ RESUMABLE = {Step.PUBLISHED, Step.ACKNOWLEDGED, Step.FAILED}
 FINISHED_STATUSES = {100, 97}
 # Failures that say the server, not the invoice, is the problem: a run stops claiming
 # after one, so a full disk fails the invoices in flight, not the whole queue.
-SERVER_REFUSALS = {"SFTP_DISK_FULL", "SFTP_PERMISSION_DENIED", "SFTP_PUBLISH_FAILED"}
+SERVER_REFUSALS = frozenset(
+    {
+        FailureCode.SFTP_DISK_FULL,
+        FailureCode.SFTP_PERMISSION_DENIED,
+        FailureCode.SFTP_PUBLISH_FAILED,
+    }
+)
 # A write failure whose cause the server does not name. Not the invoice's fault as far
 # as anyone can tell: the invoice stays pending, and a second one in a row (no file
 # published in between) stops the run, so a broken server cannot burn the queue.
-UNEXPLAINED_WRITE_FAILURE = "SFTP_UPLOAD_FAILED"
+UNEXPLAINED_WRITE_FAILURE = FailureCode.SFTP_UPLOAD_FAILED
 # A publish whose connection drops is tried again on a fresh one, this many times (each
 # try first looks for the file the last one may have published).
 PUBLISH_RETRIES = 2
@@ -112,7 +119,7 @@ class RunStopped(Exception):
         self.error = error
 
 
-# --- test-only crash points -----------------------------------------------------------
+# --- checkpoints: named steps where crash tests kill or stall a run --------------------
 
 # Crash tests only; never set in production. "<step>" kills at the first time any worker
 # reaches ``step``; "<step>@<n>" at the n-th time (so that other invoices are in flight).
@@ -121,8 +128,13 @@ _KILL_HITS = itertools.count(1)
 _KILL_LOCK = threading.Lock()
 
 
-def crash_point(step: str) -> None:
-    """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup)."""
+def checkpoint(step: str) -> None:
+    """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup).
+
+    The run's default ``on_checkpoint`` hook: every step of the pipeline ("claimed",
+    "fetched", "published_recorded", "acknowledged", "reported") and of publish
+    ("tmp_open", "tmp_written", "published") passes through it.
+    """
     if not _KILL_STEP or step != _KILL_STEP:
         return
     with _KILL_LOCK:
@@ -316,7 +328,7 @@ class ServerHealth:
         with self._lock:
             self._unexplained_in_a_row = 0
 
-    def refused(self, failure_code: str) -> None:
+    def refused(self, failure_code: FailureCode) -> None:
         with self._lock:
             self.refusing = self.refusing or f"the SFTP server refused writes ({failure_code})"
 
@@ -338,7 +350,7 @@ class InvoiceWorker:
         journal: Journal,
         plan: PushPlan,
         today: date,
-        fault: Callable[[str], None] | None = None,
+        on_checkpoint: Checkpoint | None = None,
         health: ServerHealth | None = None,
     ) -> None:
         self.nuntiq = nuntiq
@@ -347,9 +359,9 @@ class InvoiceWorker:
         self.plan = plan
         self.today = today
         self.health = health or ServerHealth()
-        # The transport's step hook ("tmp_open", "tmp_written", "published"): crash tests
-        # kill the process there through the same _ERP_PUSH_KILL_AT as the pipeline steps.
-        self.fault = fault or crash_point
+        # Crash tests kill (or stall) the run at a named step, the pipeline's and
+        # publish's alike: ``checkpoint`` unless a test passes its own.
+        self.checkpoint = on_checkpoint or checkpoint
 
     def deliver(self, lease: Lease, entry: Entry) -> Outcome:
         """Take ``lease`` from wherever the journal says it got to, to a reported result."""
@@ -381,7 +393,7 @@ class InvoiceWorker:
             detail = self.nuntiq.get_invoice(token)
         except NuntiqProtocolError as exc:  # also NuntiqReplyTooLarge, with its own code
             return self._fail_alone(token, exc.failure_code, str(exc))
-        crash_point("fetched")
+        self.checkpoint("fetched")
         try:
             file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
         except RenderError as exc:
@@ -389,7 +401,7 @@ class InvoiceWorker:
         except Exception as exc:
             log.exception("rendering %s failed unexpectedly", token)
             return self._fail_alone(
-                token, "RENDER_FAILED", f"unexpected {type(exc).__name__} while rendering"
+                token, FailureCode.RENDER_FAILED, f"unexpected {type(exc).__name__} while rendering"
             )
         self.journal.record_rendered(
             token, invoice_number=file.invoice_number, file_name=file.file_name, sha256=file.sha256
@@ -430,7 +442,7 @@ class InvoiceWorker:
             )
         self.health.published()
         self.journal.record_published(token, delivery.remote_path)
-        crash_point("published_recorded")
+        self.checkpoint("published_recorded")
         result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
         return Outcome(token, result, file.invoice_number, delivery.remote_path)
 
@@ -464,7 +476,7 @@ class InvoiceWorker:
                     file,
                     traits=self.sessions.traits,
                     may_publish=lambda: not self._lease_too_short(lease),
-                    step=self.fault,
+                    on_checkpoint=self.checkpoint,
                 )
 
         for retry in range(PUBLISH_RETRIES + 1):
@@ -482,7 +494,7 @@ class InvoiceWorker:
                     raise LeaseLapsing("lease too close to expiry to retry the upload") from None
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _fail_alone(self, token: str, code: str, message: str) -> Outcome:
+    def _fail_alone(self, token: str, code: FailureCode, message: str) -> Outcome:
         self.journal.record_failed(token, code, truncate(message))
         return Outcome(token, Result.FAILED, None, failure_code=code, message=truncate(message))
 
@@ -491,7 +503,7 @@ class InvoiceWorker:
             entry.invoice_token,
             Result.FAILED,
             entry.invoice_number,
-            failure_code=code or "UNKNOWN_FAILURE",
+            failure_code=code or FailureCode.UNKNOWN_FAILURE,
             message=message,
         )
 
@@ -503,10 +515,10 @@ class InvoiceWorker:
         try:
             self.nuntiq.acknowledge(token, lease_token)
             self.journal.record_acknowledged(token)
-            crash_point("acknowledged")
+            self.checkpoint("acknowledged")
             self.nuntiq.report_result(token, lease_token, integration_result_for(outcome))
             self.journal.record_reported(token)
-            crash_point("reported")
+            self.checkpoint("reported")
             return outcome
         except InvalidTransition:
             return self._settle_conflict(outcome)
@@ -557,7 +569,7 @@ class Pusher:
         today: date | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
         on_claimed: Callable[[int], None] | None = None,
-        fault: Callable[[str], None] | None = None,
+        on_checkpoint: Checkpoint | None = None,
         max_channels: int = 10,
     ) -> None:
         self.nuntiq = nuntiq
@@ -571,7 +583,7 @@ class Pusher:
             journal=journal,
             plan=plan,
             today=today or datetime.now(UTC).date(),
-            fault=fault,
+            on_checkpoint=on_checkpoint,
             health=self.health,
         )
         # The run's deadline, by the monotonic clock: past it nothing new is claimed or
@@ -735,7 +747,7 @@ class Pusher:
                 batch_no += 1
                 batches[batch_no], open_batches[batch_no] = [], len(leases)
                 entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
-                crash_point("claimed")
+                self.worker.checkpoint("claimed")
                 for lease, entry in entries:
                     in_flight[self._pool.submit(self._deliver_one, lease, entry)] = batch_no
                 leases = []

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from erp_push.errors import LeaseLapsing, RemoteFileMissing, SftpOperationError
+from erp_push.errors import FailureCode, LeaseLapsing, RemoteFileMissing, SftpOperationError
 from erp_push.transport import TMP_PATTERN, Exchange, RemoteStat, Reply, SftpSession, Status
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ GAP = 8
 # a full disk (OpenSSH says "Failure" for ENOSPC, and for EROFS).
 NEARLY_FULL_BYTES = 64 * 1024
 
-Step = Callable[[str], None]
+# A test hook called with each step's name ("tmp_open", "tmp_written", "published"): crash
+# tests kill or stall the run there (see ``pipeline.checkpoint``).
+Checkpoint = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def find_delivered(session: SftpSession, drop: Drop, file: RenderedFile) -> str 
     return _look(session, drop, file).identical
 
 
-def plan(session: SftpSession, drop: Drop, file: RenderedFile) -> Delivery:
+def preview(session: SftpSession, drop: Drop, file: RenderedFile) -> Delivery:
     """What ``publish`` would do now, without writing anything (for dry-run).
 
     ``already_delivered`` with the identical file's path, or the outbox path the file
@@ -272,7 +274,7 @@ def publish(
     *,
     traits: ServerTraits | None = None,
     may_publish: Callable[[], bool] | None = None,
-    step: Step | None = None,
+    on_checkpoint: Checkpoint | None = None,
 ) -> Delivery:
     """Put ``file`` into the outbox under a free name, never overwriting anything.
 
@@ -282,7 +284,7 @@ def publish(
     LeaseLapsing when ``may_publish`` says no at the last moment (the tmp is removed),
     SftpUnreachable when the connection is lost: the file may or may not have been
     published, so call ``publish`` again on a new session; it looks for the identical
-    file before writing anything. ``step`` is a test hook called at each step.
+    file before writing anything. ``on_checkpoint`` is a test hook called at each step.
     """
     publishing = _Publishing(
         session,
@@ -290,7 +292,7 @@ def publish(
         file,
         traits or ServerTraits(),
         may_publish or (lambda: True),
-        step or (lambda _s: None),
+        on_checkpoint or (lambda _name: None),
     )
     if drop.mode == "direct":
         return publishing.direct()
@@ -307,14 +309,14 @@ class _Publishing:
         file: RenderedFile,
         traits: ServerTraits,
         may_publish: Callable[[], bool],
-        step: Step,
+        on_checkpoint: Checkpoint,
     ) -> None:
         self.session = session
         self.drop = drop
         self.file = file
         self.traits = traits
         self.may_publish = may_publish
-        self.step = step
+        self.checkpoint = on_checkpoint
         self.tmp = posixpath.join(
             drop.outbox, f"{file.file_name}.{secrets.token_hex(4)}.erp-push.tmp"
         )
@@ -335,11 +337,11 @@ class _Publishing:
             if found.identical is not None:
                 self._close_and_discard(handle)
                 return Delivery(remote_path=found.identical, already_delivered=True)
-            self.step("tmp_open")
+            self.checkpoint("tmp_open")
             self._write(handle, self.tmp)
-            self.step("tmp_written")
+            self.checkpoint("tmp_written")
             delivery = self._move_into_place(found.today)
-            self.step("published")
+            self.checkpoint("published")
             return delivery
         except SftpOperationError:
             self._discard_tmp()
@@ -462,7 +464,7 @@ class _Publishing:
         assert renamed.error is not None
         raise SftpOperationError(
             renamed.error.message,
-            failure_code="SFTP_PUBLISH_FAILED",
+            failure_code=FailureCode.SFTP_PUBLISH_FAILED,
             sftp_code=renamed.error.sftp_code,
         )
 
@@ -519,13 +521,13 @@ class _Publishing:
                     continue
                 raise self._explain(created.error)
             try:
-                self.step("tmp_open")
+                self.checkpoint("tmp_open")
                 self._write(created.value, final)
             except SftpOperationError:
                 self._remove_partial(final)
                 raise
-            self.step("tmp_written")
-            self.step("published")
+            self.checkpoint("tmp_written")
+            self.checkpoint("published")
             return Delivery(remote_path=final, already_delivered=False)
         raise _no_free_name(self.file, self.drop)
 
@@ -556,7 +558,7 @@ class _Publishing:
         if fs.read_only:
             return SftpOperationError(
                 f"{error.message} (the outbox's filesystem is read-only)",
-                failure_code="SFTP_PERMISSION_DENIED",
+                failure_code=FailureCode.SFTP_PERMISSION_DENIED,
                 sftp_code=error.sftp_code,
             )
         full = fs.bytes_free < len(self.file.body) + NEARLY_FULL_BYTES
@@ -564,7 +566,7 @@ class _Publishing:
             return SftpOperationError(
                 f"{error.message} (the outbox's filesystem is full: "
                 f"{fs.bytes_free} bytes, {fs.files_free} files free)",
-                failure_code="SFTP_DISK_FULL",
+                failure_code=FailureCode.SFTP_DISK_FULL,
                 sftp_code=error.sftp_code,
             )
         return error
@@ -573,5 +575,5 @@ class _Publishing:
 def _no_free_name(file: RenderedFile, drop: Drop) -> SftpOperationError:
     return SftpOperationError(
         f"no free name for {file.file_name} in {drop.outbox}: {MAX_CANDIDATES} taken",
-        failure_code="SFTP_PUBLISH_FAILED",
+        failure_code=FailureCode.SFTP_PUBLISH_FAILED,
     )

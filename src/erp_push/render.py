@@ -25,8 +25,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from erp_push.errors import RenderError
-from erp_push.models import Invoice
+from erp_push.errors import FailureCode, RenderError
+from erp_push.models import Invoice, number_text
 
 HEADER = ("invoice_number", "date", "currency", "total", "supplier_code", "line_count")
 BOM = "\ufeff"  # the ERP's finance users open these files in Excel, which needs it for UTF-8
@@ -35,11 +35,6 @@ BOM = "\ufeff"  # the ERP's finance users open these files in Excel, which needs
 # collision suffix ("-12") and, while uploading, ".<8 hex>.erp-push.tmp" (≈ 30 bytes), so
 # 200 leaves room for both.
 MAX_FILE_NAME_BYTES = 200
-
-# Failure codes reported to Nuntiq for an invoice that cannot be rendered.
-RENDER_MISSING_FIELD = "RENDER_MISSING_FIELD"
-RENDER_UNSAFE_VALUE = "RENDER_UNSAFE_VALUE"
-RENDER_INVALID_VALUE = "RENDER_INVALID_VALUE"
 
 # Control and format characters (Cc, Cf), line/paragraph separators (Zl, Zp: U+2028,
 # U+2029, which some readers treat as line ends) and lone surrogates (Cs: not encodable
@@ -85,7 +80,7 @@ def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> Rendere
         shown = f" (only {_code_points(number)})" if number else ""
         raise RenderError(
             f"the invoice has no invoice number{shown} (template field {keys.invoice_number!r})",
-            failure_code=RENDER_MISSING_FIELD,
+            failure_code=FailureCode.RENDER_MISSING_FIELD,
         )
     row = {
         "invoice_number": number,
@@ -138,8 +133,8 @@ def _supplier_code(invoice: Invoice, keys: FieldKeys) -> str:
 def _cell(value: Any, field: str) -> str:
     """One value as the exact text to write; None → empty cell.
 
-    Money may arrive as a number or a string: numbers are written without float noise
-    (12.1, not 12.0999…), strings as given. Dates (already parsed) become YYYY-MM-DD;
+    Money may arrive as a number or a string: numbers are written as ``number_text``
+    writes them, strings as given. Dates (already parsed) become YYYY-MM-DD;
     date strings are written as Nuntiq sent them.
     """
     if value is None:
@@ -165,14 +160,11 @@ def _number_text(value: float | Decimal, field: str) -> str:
         raise _invalid(field, "is not a finite number")
     if isinstance(value, Decimal) and not value.is_finite():
         raise _invalid(field, "is not a finite number")
-    # repr() of a float is the shortest text that round-trips (12.1 → "12.1"); format "f"
-    # avoids exponents (1e+20 → "100000000000000000000").
-    exact = Decimal(repr(value)) if isinstance(value, float) else value
-    return format(exact, "f")
+    return number_text(value)
 
 
 def _invalid(field: str, why: str) -> RenderError:
-    return RenderError(f"field {field!r} {why}", failure_code=RENDER_INVALID_VALUE)
+    return RenderError(f"field {field!r} {why}", failure_code=FailureCode.RENDER_INVALID_VALUE)
 
 
 def _reject_unsafe(value: str, column: str) -> None:
@@ -186,7 +178,7 @@ def _reject_unsafe(value: str, column: str) -> None:
             raise RenderError(
                 f"column {column} contains the control character U+{ord(char):04X} at "
                 f"position {position}; the ERP's tab-separated reader would misread it",
-                failure_code=RENDER_UNSAFE_VALUE,
+                failure_code=FailureCode.RENDER_UNSAFE_VALUE,
             )
 
 

@@ -1,27 +1,68 @@
-"""Per-invoice outcomes, what they mean for Nuntiq, and the run summary for people and tools.
+"""What each command did, for people and for tools; and what an outcome means for Nuntiq.
+
+Every command returns a ``CommandReport``: it shows itself to people (``show``), becomes
+one JSON document (``to_json``) and names the exit code. The CLI only picks which:
+``RunReport`` for push, ``DryRunReport`` for dry-run, ``CleanupReport`` for cleanup-tmp.
 
 stdout is data, stderr is for people: ``--json`` writes exactly one JSON document to stdout;
 the rich table goes to stderr so a cron job can pipe the JSON and still log the table.
+Outside text (invoice numbers, paths, server messages) is shown escaped (``text``).
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from erp_push import wire
 from erp_push.errors import ErpPushError, ExitCode
-from erp_push.models import IntegrationResult
+from erp_push.models import DELIVERED_MESSAGE, IntegrationResult
 from erp_push.text import json_safe, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from erp_push.transport import RemoteFile
+
 FULL_TABLE_MAX = 30  # longer runs list only the invoices that were not delivered
-DELIVERED_MESSAGE = "SFTP_DELIVERED"
+NOTHING_TO_PUSH = "Nothing to push: no invoices are pending integration."
+
+
+class Screen(Protocol):
+    """Where a report shows itself to people (stderr). ``say`` prints one plain line,
+    escaped, with rich only on a terminal; ``console`` is rich's, for drawing tables: an
+    idle run that only says one line never imports rich."""
+
+    def say(self, text: str, *, label: str = "", style: str = "") -> None: ...
+
+    @property
+    def console(self) -> Console: ...
+
+
+class CommandReport(ABC):
+    """What a command did: it shows itself, becomes JSON and names the exit code."""
+
+    # Why the command stopped early; the CLI prints it (one error printer for all).
+    error: ErpPushError | None = None
+
+    @property
+    @abstractmethod
+    def exit_code(self) -> ExitCode: ...
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def show(self, screen: Screen) -> None: ...
+
+    def to_json(self) -> str:
+        # One line: cron appends each run's report to a JSON Lines log. json_safe: a
+        # server's control characters stay escaped even for `| less -R` or a terminal.
+        return json_safe(json.dumps(self.to_dict(), ensure_ascii=False))
 
 
 class Result(StrEnum):
@@ -72,8 +113,8 @@ def truncate(text: str) -> str:
 
 
 @dataclass
-class RunReport:
-    """Everything one command run did. ``error`` is set when the run stopped early."""
+class RunReport(CommandReport):
+    """Everything one push run did. ``error`` is set when the run stopped early."""
 
     command: str
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -121,10 +162,11 @@ class RunReport:
             ],
         }
 
-    def to_json(self) -> str:
-        # One line: cron appends each run's report to a JSON Lines log. json_safe: a
-        # server's control characters stay escaped even for `| less -R` or a terminal.
-        return json_safe(json.dumps(self.to_dict(), ensure_ascii=False))
+    def show(self, screen: Screen) -> None:
+        if self.outcomes or self.notes:
+            self.render_table(screen.console)
+        else:
+            screen.say(self.summary_line())
 
     def render_table(self, console: Console) -> None:
         # rich only here, when a table is drawn: an idle run never imports it.
@@ -166,7 +208,7 @@ class RunReport:
 
     def summary_line(self) -> str:
         if not self.outcomes and self.error is None:
-            return "Nothing to push: no invoices are pending integration."
+            return NOTHING_TO_PUSH
         parts = [
             f"{self.count(Result.DELIVERED)} delivered",
             f"{self.count(Result.ALREADY_DELIVERED)} already delivered",
@@ -192,3 +234,136 @@ def _error_dict(error: ErpPushError | None) -> dict[str, Any] | None:
         "exit_code": int(error.exit_code),
         "hint": error.hint,
     }
+
+
+# --- dry-run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreviewedFile:
+    """What a push would do with one invoice now (``publish.preview``)."""
+
+    invoice_token: str
+    invoice_number: str | None
+    file_name: str | None  # the name it would get (after collision suffixes)
+    collision: str | None = None  # what made the name differ from the rendered one
+    already_delivered: str | None = None  # path of an identical file already there
+    failure_code: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class DryRunReport(CommandReport):
+    lease_ttl_seconds: int
+    files: list[PreviewedFile] = field(default_factory=list)
+    sftp_checked: bool = False
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK
+
+    @property
+    def note(self) -> str:
+        return (
+            f"dry-run leased these invoices for {self.lease_ttl_seconds} s to look at them "
+            "(Nuntiq has no list call); they return to the queue after that"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lease_ttl_seconds": self.lease_ttl_seconds,
+            "note": self.note,
+            "invoices": [asdict(p) for p in self.files],
+        }
+
+    def show(self, screen: Screen) -> None:
+        if not self.files:
+            screen.say(NOTHING_TO_PUSH)
+            return
+        from rich.markup import escape
+        from rich.table import Table
+
+        def cell(text: str) -> str:
+            # Server text in cells: never read as markup, control characters escaped.
+            return escape(printable(text))
+
+        table = Table(title="erp-push dry-run (nothing written)", title_justify="left")
+        for column in ("invoice", "file name", "note"):
+            table.add_column(column)
+        for p in self.files:
+            if p.failure_code:
+                table.add_row(
+                    cell(p.invoice_number or p.invoice_token),
+                    "-",
+                    f"[red]{p.failure_code}[/red] {cell(p.message or '')}",
+                )
+            elif p.already_delivered:
+                table.add_row(
+                    cell(p.invoice_number or ""),
+                    "-",
+                    f"already delivered as {cell(p.already_delivered)}",
+                )
+            else:
+                table.add_row(
+                    cell(p.invoice_number or ""),
+                    cell(p.file_name or ""),
+                    cell(p.collision or ""),
+                )
+        screen.console.print(table)
+        screen.say(self.note, label="note:", style="dim")
+
+
+# --- cleanup-tmp ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotRemoved:
+    file: RemoteFile
+    reason: str  # what the server said
+
+
+@dataclass
+class CleanupReport(CommandReport):
+    older_than: timedelta
+    dry_run: bool = False  # listed only, nothing removed
+    stale: list[RemoteFile] = field(default_factory=list)
+    removed: list[RemoteFile] = field(default_factory=list)  # only those really removed
+    not_removed: list[NotRemoved] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.SOME_FAILED if self.not_removed else ExitCode.OK
+
+    @property
+    def older_than_minutes(self) -> int | float:
+        minutes = self.older_than / timedelta(minutes=1)
+        return int(minutes) if minutes.is_integer() else minutes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "older_than_minutes": self.older_than_minutes,
+            "stale": [_remote_file(f) for f in self.stale],
+            "removed": [_remote_file(f) for f in self.removed],
+            "not_removed": [{**_remote_file(n.file), "error": n.reason} for n in self.not_removed],
+        }
+
+    def show(self, screen: Screen) -> None:
+        minutes = self.older_than_minutes
+        if self.dry_run:
+            for f in self.stale:
+                screen.say(f.path, label="would remove")
+            screen.say(f"{len(self.stale)} stale tmp file(s) older than {minutes} min (dry run)")
+            return
+        for f in self.removed:
+            screen.say(f.path, label="removed")
+        for n in self.not_removed:
+            screen.say(f"{n.file.path}: {n.reason}", label="could not remove", style="bold red")
+        summary = f"{len(self.removed)} stale tmp file(s) removed (older than {minutes} min)"
+        if self.not_removed:
+            summary += f"; {len(self.not_removed)} could not be removed"
+        screen.say(summary)
+
+
+def _remote_file(f: RemoteFile) -> dict[str, Any]:
+    return {"path": f.path, "size": f.size, "mtime": f.mtime.astimezone(UTC).isoformat()}

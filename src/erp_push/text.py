@@ -12,12 +12,14 @@ isolate characters (which reorder what follows them) are shown as escapes (``\\x
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _NOT_C0 = "\x7f-\x9f\u202a-\u202e\u2066-\u2069"  # DEL, C1, bidi embeddings/overrides/isolates
 _UNPRINTABLE = re.compile(f"[\x00-\x1f{_NOT_C0}]")
 # json.dumps escapes C0 itself; the line breaks of an indented document must stay.
 _UNPRINTABLE_IN_JSON = re.compile(f"[{_NOT_C0}]")
+ELLIPSIS = "…"
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -47,3 +49,21 @@ def json_safe(document: str) -> str:
     characters can only be inside strings, where ``\\u00XX`` means the same character.
     """
     return _UNPRINTABLE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", document)
+
+
+def shorten(text: str, limit: int, *, measure: Callable[[str], int] = len) -> str:
+    """``text`` cut to at most ``limit`` (as ``measure`` counts), ending in "…" if cut.
+
+    Cuts between code points, so never inside a surrogate pair; ``measure`` lets a caller
+    count as its reader does (``wire.text_length``: UTF-16 units, as Nuntiq counts).
+    """
+    if measure(text) <= limit:
+        return text
+    budget = limit - measure(ELLIPSIS)
+    kept: list[str] = []
+    for char in text:
+        budget -= measure(char)
+        if budget < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + ELLIPSIS

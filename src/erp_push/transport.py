@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
 
 import paramiko  # type: ignore[import-untyped]
@@ -69,6 +68,7 @@ from pydantic import SecretStr
 from erp_push import known_hosts
 from erp_push.errors import (
     ErpPushError,
+    FailureCode,
     HostKeyMismatch,
     HostKeyRevoked,
     HostKeyUnknown,
@@ -78,6 +78,7 @@ from erp_push.errors import (
     SftpOperationError,
     SftpUnreachable,
 )
+from erp_push.text import shorten
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +143,6 @@ def fingerprint(key: Any) -> str:
     """OpenSSH's SHA256 fingerprint of a public key, e.g. ``SHA256:abc...`` (no padding)."""
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    """How OpenSSH names a server in known_hosts: ``host`` on 22, ``[host]:port`` otherwise."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
 def _reason(exc: BaseException) -> str:
@@ -226,7 +218,7 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
 
 def _verify_host_key(options: SftpOptions, server_key: Any, known: known_hosts.HostKeys) -> None:
     """Accept the key only if a configured source vouches for it and none contradicts it."""
-    name = known_hosts_name(options.host, options.port)
+    name = known_hosts.host_name(options.host, options.port)
     seen = f"{server_key.get_name()} {fingerprint(server_key)}"
     pin = options.host_key_sha256
     revoked = known.revocation(server_key.asbytes())
@@ -291,13 +283,13 @@ def _load_private_key(path: Path, passphrase: SecretStr | None) -> Any:
     raise SftpAuthError(f"{path} is not a readable Ed25519, ECDSA or RSA private key")
 
 
-def _authenticate(transport: Any, options: SftpOptions) -> None:
+def _authenticate(ssh: Any, options: SftpOptions) -> None:
     refused = f"login to {options.address} as {options.user!r} refused"
     try:
         if options.private_key_path is not None:
             key = _load_private_key(options.private_key_path, options.private_key_passphrase)
             try:
-                transport.auth_publickey(options.user, key)
+                ssh.auth_publickey(options.user, key)
                 return
             except paramiko.AuthenticationException:
                 if options.password is None:
@@ -305,7 +297,7 @@ def _authenticate(transport: Any, options: SftpOptions) -> None:
                 log.debug("key login refused by %s; trying the password", options.address)
         if options.password is None:
             raise SftpAuthError(f"{refused}: no password or private key configured")
-        transport.auth_password(options.user, options.password.get_secret_value())
+        ssh.auth_password(options.user, options.password.get_secret_value())
     except paramiko.BadAuthenticationType as exc:
         allowed = ", ".join(exc.allowed_types) or "none"
         raise SftpAuthError(f"{refused}: the server only allows {allowed}") from None
@@ -313,7 +305,7 @@ def _authenticate(transport: Any, options: SftpOptions) -> None:
         raise SftpAuthError(f"{refused}: wrong user, password or key") from None
 
 
-def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
+def _open_sftp(ssh: Any, options: SftpOptions) -> _SftpClient:
     """Start the SFTP subsystem on a new channel, within ``connect_timeout``.
 
     paramiko waits up to an hour for the channel and without any limit for the subsystem
@@ -321,7 +313,7 @@ def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
     hang the run, and cron's next runs behind it. A timer closes the channel at the
     deadline, which wakes paramiko's wait with an error instead.
     """
-    channel = transport.open_session(timeout=options.connect_timeout)
+    channel = ssh.open_session(timeout=options.connect_timeout)
     if channel is None:
         raise paramiko.SSHException("the server refused an SFTP channel")
     channel.settimeout(options.connect_timeout)  # the version exchange reads with this
@@ -343,7 +335,9 @@ def _open_sftp(transport: Any, options: SftpOptions) -> _SftpClient:
     return sftp
 
 
-def _open_transport(options: SftpOptions) -> Any:
+def _open_ssh(options: SftpOptions) -> Any:
+    """The SSH connection (paramiko's ``Transport``, named ``ssh`` throughout), not yet
+    started: TCP connected, every wait of the handshake bounded."""
     try:
         sock = socket.create_connection(
             (options.host, options.port), timeout=options.connect_timeout
@@ -353,12 +347,12 @@ def _open_transport(options: SftpOptions) -> Any:
     # SFTP is small request/reply packets, several channels' worth on one connection:
     # Nagle's algorithm would hold each one back until the previous is acknowledged.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport = paramiko.Transport(sock)
+    ssh = paramiko.Transport(sock)
     # Without these a server that accepts TCP but never speaks would block us forever.
-    transport.banner_timeout = options.connect_timeout
-    transport.handshake_timeout = options.connect_timeout
-    transport.auth_timeout = options.connect_timeout
-    return transport
+    ssh.banner_timeout = options.connect_timeout
+    ssh.handshake_timeout = options.connect_timeout
+    ssh.auth_timeout = options.connect_timeout
+    return ssh
 
 
 # AES-GCM first: an authenticated cipher needs no separate MAC, and paramiko computes and
@@ -367,21 +361,21 @@ def _open_transport(options: SftpOptions) -> Any:
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _prefer_fast_ciphers(transport: Any) -> None:
-    security = transport.get_security_options()
+def _prefer_fast_ciphers(ssh: Any) -> None:
+    security = ssh.get_security_options()
     offered = list(security.ciphers)
     preferred = [c for c in _FAST_CIPHERS if c in offered]
     security.ciphers = preferred + [c for c in offered if c not in preferred]
 
 
-def _prefer_key_types(transport: Any, trusted: set[str]) -> None:
+def _prefer_key_types(ssh: Any, trusted: set[str]) -> None:
     """Ask for a host key type we already trust, so a server with several keys shows it."""
     if not trusted:
         return
     ours = set(trusted)
     if "ssh-rsa" in ours:  # one RSA key, signed with SHA-2 first (SHA-1 is deprecated)
         ours |= {"rsa-sha2-512", "rsa-sha2-256"}
-    security = transport.get_security_options()
+    security = ssh.get_security_options()
     preferred = [t for t in security.key_types if t in ours and t != "ssh-rsa"]
     security.key_types = preferred + [t for t in security.key_types if t not in preferred]
 
@@ -448,19 +442,19 @@ class Reply(Generic[T]):
 
 
 def _status_error(code: int, text: str, what: str) -> SftpOperationError:
-    message = _short(f"sftp {what} failed: {text or 'status ' + str(code)}")
+    message = shorten(f"sftp {what} failed: {text or 'status ' + str(code)}", _MESSAGE_LIMIT)
     if code == Status.NO_SUCH_FILE:
         return RemoteFileMissing(message, sftp_code=code)
     return SftpOperationError(message, failure_code=failure_code_for(code), sftp_code=code)
 
 
-def failure_code_for(code: int) -> str:
+def failure_code_for(code: int) -> FailureCode:
     """The failure code an invoice gets when the server refuses its file with ``code``."""
     if code in (Status.PERMISSION_DENIED, Status.WRITE_PROTECT):
-        return "SFTP_PERMISSION_DENIED"
+        return FailureCode.SFTP_PERMISSION_DENIED
     if code in (Status.NO_SPACE_ON_FILESYSTEM, Status.QUOTA_EXCEEDED):
-        return "SFTP_DISK_FULL"
-    return "SFTP_UPLOAD_FAILED"  # a bare Failure says nothing: publish asks statvfs
+        return FailureCode.SFTP_DISK_FULL
+    return FailureCode.SFTP_UPLOAD_FAILED  # a bare Failure says nothing: publish asks statvfs
 
 
 def _attrs(kind: int, msg: Any) -> RemoteStat:
@@ -584,18 +578,22 @@ class Exchange:
 
 
 class SftpSession:
-    """One verified, authenticated SFTP channel to the ERP's server."""
+    """One verified, authenticated SFTP channel to the ERP's server.
+
+    ``ssh`` is the SSH connection the channel runs on (paramiko's ``Transport``), shared
+    with the extra channels ``open_channel`` opens on it.
+    """
 
     def __init__(
         self,
         options: SftpOptions,
-        transport: Any,
+        ssh: Any,
         sftp: _SftpClient,
         *,
         owns_connection: bool = True,
     ) -> None:
         self.options = options
-        self._transport = transport
+        self._ssh = ssh
         self._sftp = sftp
         self.owns_connection = owns_connection  # False for extra channels (open_channel)
 
@@ -617,28 +615,28 @@ class SftpSession:
         known = known_hosts.HostKeys()
         if options.known_hosts is not None:
             known = known_hosts.load(options.known_hosts, options.host, options.port)
-        transport = _open_transport(options)
+        ssh = _open_ssh(options)
         try:
-            _prefer_key_types(transport, known.key_types)
-            _prefer_fast_ciphers(transport)
-            transport.start_client(timeout=options.connect_timeout)
-            _verify_host_key(options, transport.get_remote_server_key(), known)
-            _authenticate(transport, options)
-            transport.set_keepalive(options.keepalive_interval)
-            sftp = _open_sftp(transport, options)
+            _prefer_key_types(ssh, known.key_types)
+            _prefer_fast_ciphers(ssh)
+            ssh.start_client(timeout=options.connect_timeout)
+            _verify_host_key(options, ssh.get_remote_server_key(), known)
+            _authenticate(ssh, options)
+            ssh.set_keepalive(options.keepalive_interval)
+            sftp = _open_sftp(ssh, options)
         except ErpPushError:
-            transport.close()
+            ssh.close()
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            transport.close()
+            ssh.close()
             raise SftpUnreachable(
-                _short(f"cannot reach sftp {options.address}: {_reason(exc)}")
+                shorten(f"cannot reach sftp {options.address}: {_reason(exc)}", _MESSAGE_LIMIT)
             ) from None
         except BaseException:
-            transport.close()
+            ssh.close()
             raise
         log.debug("connected to %s (hardlink: %s)", options.address, sftp.has_hardlink)
-        return cls(options, transport, sftp)
+        return cls(options, ssh, sftp)
 
     def open_channel(self) -> SftpSession:
         """Another SFTP session over this same SSH connection: parallel work, one login.
@@ -649,27 +647,28 @@ class SftpSession:
         pool never asks for more than ``max_channels``. A refusal raises SftpUnreachable.
         """
         try:
-            sftp = _open_sftp(self._transport, self.options)
+            sftp = _open_sftp(self._ssh, self.options)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise SftpUnreachable(
-                _short(
-                    f"cannot open another SFTP channel to {self.options.address}: {_reason(exc)}"
+                shorten(
+                    f"cannot open another SFTP channel to {self.options.address}: {_reason(exc)}",
+                    _MESSAGE_LIMIT,
                 )
             ) from None
-        return SftpSession(self.options, self._transport, sftp, owns_connection=False)
+        return SftpSession(self.options, self._ssh, sftp, owns_connection=False)
 
     def same_connection(self, other: SftpSession) -> bool:
-        return self._transport is other._transport
+        return self._ssh is other._ssh
 
     @property
     def connected(self) -> bool:
-        return bool(self._transport.is_active())
+        return bool(self._ssh.is_active())
 
     def close(self) -> None:
         """Never raises: closing a channel whose connection already died is a no-op."""
         try:
             if self.owns_connection:
-                self._transport.close()  # closes every channel on it too
+                self._ssh.close()  # closes every channel on it too
             else:
                 self._sftp.close()  # sends a close message: fails on a dead connection
         except (OSError, EOFError, paramiko.SSHException):
@@ -678,12 +677,7 @@ class SftpSession:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
     # --- error mapping ----------------------------------------------------------------
@@ -691,10 +685,10 @@ class SftpSession:
     def _lost(self, exc: BaseException) -> bool:
         """Is this the connection dying (run-level), rather than one operation failing?"""
         if isinstance(exc, _StatusError):
-            return not self._transport.is_active()
+            return not self._ssh.is_active()
         return (
             isinstance(exc, EOFError | TimeoutError | ConnectionError | paramiko.SSHException)
-            or not self._transport.is_active()
+            or not self._ssh.is_active()
         )
 
     @contextmanager
@@ -712,15 +706,20 @@ class SftpSession:
                 # has noticed.
                 if not isinstance(exc, TimeoutError):
                     with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                        self._transport.close()
+                        self._ssh.close()
                 self.close()
                 raise SftpUnreachable(
-                    _short(f"lost sftp {self.options.address} while {what}: {_reason(exc)}")
+                    shorten(
+                        f"lost sftp {self.options.address} while {what}: {_reason(exc)}",
+                        _MESSAGE_LIMIT,
+                    )
                 ) from None
             code = getattr(exc, "sftp_code", None)
             if code is not None:
                 raise _status_error(code, _reason(exc), what) from None
-            raise SftpOperationError(_short(f"sftp {what} failed: {_reason(exc)}")) from None
+            raise SftpOperationError(
+                shorten(f"sftp {what} failed: {_reason(exc)}", _MESSAGE_LIMIT)
+            ) from None
 
     @contextmanager
     def exchange(self, what: str) -> Iterator[Exchange]:
@@ -745,7 +744,7 @@ class SftpSession:
         the server, per packet). Corked, a group leaves in as few segments as fit.
         Other channels' packets on the same socket wait at most until the group is out.
         """
-        sock = getattr(self._transport, "sock", None)
+        sock = getattr(self._ssh, "sock", None)
         cork = getattr(socket, "TCP_CORK", None)
         if sock is None or cork is None:
             yield

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from erp_push import errors
 from erp_push.models import IntegrationResult
+from erp_push.text import shorten
 
 # --- transport and auth ---------------------------------------------------------------
 
@@ -39,6 +40,8 @@ def base_url_problem(base_url: str) -> str | None:
     [ours] HTTPS is required; plain ``http://`` only for loopback hosts (the sandbox), so
     the API key never crosses a network in clear text. A URL with a user name or password
     in it is refused too: the key belongs in its own secret, and URLs end up in messages.
+    So is a ``?query`` or ``#fragment``: request paths are appended to the base URL, so
+    neither could work, and a query string is where keys end up.
     """
     try:
         parts = urlsplit(base_url)
@@ -49,6 +52,8 @@ def base_url_problem(base_url: str) -> str | None:
         return "the Nuntiq base URL must look like https://host/api"
     if parts.username is not None or parts.password is not None:
         return "the Nuntiq base URL must not contain a user name or password"
+    if parts.query or parts.fragment:
+        return "the Nuntiq base URL must not have a ?query or #fragment"
     if parts.scheme == "http" and not is_loopback(host):
         return (
             f"the Nuntiq base URL must use https:// (plain http:// is allowed only for "
@@ -172,7 +177,6 @@ EXTERNAL_SLOTS = 3  # [ours] external_id_1..3 and external_message_1..3
 EXTERNAL_TEXT_MAX = 255  # [ours] for external ids and messages
 FAILURE_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # [ours] matched in full
 FAILURE_MESSAGE_MAX = 500  # [ours; the seed truncates to 500]
-TRUNCATION_MARK = "…"
 
 
 def text_length(text: str) -> int:
@@ -186,20 +190,8 @@ def text_length(text: str) -> int:
 
 
 def truncate_text(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` units (see ``text_length``), ending in "…" if cut.
-
-    Cuts between code points, never inside a surrogate pair.
-    """
-    if text_length(text) <= limit:
-        return text
-    budget = limit - text_length(TRUNCATION_MARK)
-    out: list[str] = []
-    for ch in text:
-        budget -= text_length(ch)
-        if budget < 0:
-            break
-        out.append(ch)
-    return "".join(out) + TRUNCATION_MARK
+    """``text`` cut to at most ``limit`` units (see ``text_length``), ending in "…" if cut."""
+    return shorten(text, limit, measure=text_length)
 
 
 def _invalid(message: str) -> errors.NuntiqRequestInvalid:
@@ -273,7 +265,8 @@ def integration_result_body(lease_token: str, result: IntegrationResult) -> dict
     if result.failure_code is not None:
         if not FAILURE_CODE_RE.fullmatch(result.failure_code):
             raise _invalid(
-                f"failure_code {result.failure_code[:80]!r} must match ^{FAILURE_CODE_RE.pattern}$"
+                f"failure_code {shorten(result.failure_code, 80)!r} "
+                f"must match ^{FAILURE_CODE_RE.pattern}$"
             )
         body["failure_code"] = result.failure_code
     elif not result.success:

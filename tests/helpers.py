@@ -1,0 +1,37 @@
+"""Helpers the test modules share: the real command line in a child process, and a push
+through ``commands`` with the settings a ``make_settings`` fixture wrote (conftest)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from erp_push import commands
+from erp_push.report import RunReport
+from erp_push.settings import Need, load_settings
+
+# The type of the ``make_settings`` fixture: (server, *, config=, secrets=, name=) -> path.
+MakeSettings = Callable[..., Path]
+PUSH_NEEDS = {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The real command line in a child process: what cron sees, stdout and stderr apart."""
+    return subprocess.run(
+        [sys.executable, "-m", "erp_push", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def push(path: Path, **kwargs: Any) -> RunReport:
+    """``commands.push`` with the settings file at ``path``, as the CLI would load it."""
+    return commands.push(load_settings(path, needs=PUSH_NEEDS), **kwargs)

@@ -420,8 +420,8 @@ class SettingsFileSource(PydanticBaseSettingsSource):
     """The JSON settings file, with errors that point at the line and column.
 
     A missing file yields no values (the environment may provide everything);
-    ``load_settings`` complains separately when the file was named explicitly. Read here
-    rather than by pydantic-settings' JSON source, whose error handling is not public API.
+    ``load_settings`` complains separately when the file was named explicitly. Read here,
+    not by subclassing pydantic-settings' JSON source: its reading hook is private API.
     """
 
     def __init__(

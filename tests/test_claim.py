@@ -1413,6 +1413,9 @@ def test_a_key_echoed_in_reason_header_or_body_is_cut_everywhere(
 ) -> None:
     """Issue 8.5: reason phrase, headers (logged by httpcore at DEBUG) and body."""
     caplog.set_level(logging.DEBUG)
+    # As with --debug; an in-process CLI run earlier in the session (test_cli) leaves
+    # httpcore's own level above CRITICAL.
+    caplog.set_level(logging.DEBUG, logger="httpcore")
     with (
         hostile_http.RawServer(_echoing(status)) as server,
         NuntiqClient(server.url, SecretStr(ECHOED), retry=FAST, sleep=sleeps) as client,

@@ -27,7 +27,8 @@ from pydantic import SecretStr
 from erp_push.claim import NuntiqClient
 from erp_push.errors import ExitCode, RenderError
 from erp_push.journal import Journal, Step
-from erp_push.render import FieldKeys, render_invoice
+from erp_push.render import render_invoice
+from erp_push.settings import Config
 from tests.helpers import MakeSettings, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
@@ -73,7 +74,7 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes | Non
         for token in tokens:
             try:
                 invoice = client.get_invoice(token).invoice
-                out[token] = render_invoice(invoice, keys=FieldKeys(), today=today).body
+                out[token] = render_invoice(invoice, keys=Config().field_keys(), today=today).body
             except RenderError:
                 out[token] = None
     return out

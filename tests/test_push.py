@@ -19,9 +19,9 @@ import pytest
 from erp_push import commands
 from erp_push.claim import NuntiqClient
 from erp_push.errors import ExitCode
-from erp_push.render import FieldKeys, render_invoice
+from erp_push.render import render_invoice
 from erp_push.report import Result
-from erp_push.settings import load_settings
+from erp_push.settings import Config, load_settings
 from tests.helpers import PUSH_NEEDS, MakeSettings, push, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
@@ -34,7 +34,7 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes]:
     with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
         for token in tokens:
             rendered = render_invoice(
-                client.get_invoice(token).invoice, keys=FieldKeys(), today=today
+                client.get_invoice(token).invoice, keys=Config().field_keys(), today=today
             )
             out[token] = rendered.body
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,15 +20,15 @@ from erp_push.errors import FailureCode, RenderError
 from erp_push.models import Invoice, InvoiceField
 from erp_push.render import (
     MAX_FILE_NAME_BYTES,
-    FieldKeys,
     RenderedFile,
     file_name_for,
     render_invoice,
 )
+from erp_push.settings import Config
 
 GOLDEN = Path(__file__).parent / "golden"
 TODAY = date(2024, 3, 5)
-KEYS = FieldKeys()
+KEYS = Config().field_keys()  # the default template keys
 
 
 def nuntiq_invoice(
@@ -127,7 +128,7 @@ def test_supplier_code_field_wins_over_vendor_address() -> None:
 def test_vendor_address_type_comes_from_the_keys() -> None:
     fields = {k: v for k, v in NORMAL.items() if k != "supplierCode"}
     addresses = [{"address_type": "remit_to", "address_name": "Remit Ltd"}]
-    keys = FieldKeys(vendor_address_type="remit_to")
+    keys = replace(KEYS, vendor_address_type="remit_to")
 
     body = render_invoice(nuntiq_invoice(fields, addresses=addresses), keys=keys, today=TODAY)
 
@@ -241,7 +242,7 @@ def test_missing_optional_values_are_empty_cells() -> None:
 
 
 def test_template_keys_come_from_the_keys() -> None:
-    keys = FieldKeys(invoice_number="docNo", total="amountGross")
+    keys = replace(KEYS, invoice_number="docNo", total="amountGross")
     invoice = nuntiq_invoice({"docNo": "D-9", "amountGross": 5})
 
     rendered = render_invoice(invoice, keys=keys, today=TODAY)

@@ -18,7 +18,7 @@ def _pool(server: SftpServerInfo, logins: list[SftpSession]) -> SessionPool:
         logins.append(session)
         return session
 
-    return SessionPool(connect)
+    return SessionPool(connect, max_channels=10)
 
 
 def test_parallel_sessions_are_channels_of_one_login(asyncssh_sftp: SftpServerInfo) -> None:

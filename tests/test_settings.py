@@ -614,3 +614,184 @@ def test_plain_settings_class_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("ERP_PUSH_SFTP_HOST", "sftp.example.com")
 
     assert Settings().config.sftp_host == "sftp.example.com"
+
+
+def test_plain_settings_class_reads_settings_json_in_the_working_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, {"customer_number": "from-cwd", "config": {"sftp_host": "file.example"}})
+    monkeypatch.setenv("ERP_PUSH_SFTP_HOST", "env.example")
+
+    settings = Settings()
+
+    assert (settings.customer_number, settings.config.sftp_host) == ("from-cwd", "env.example")
+
+
+def test_a_named_file_is_read_alone_not_beside_the_working_folders_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    write(tmp_path / "elsewhere", {"customer_number": "from-cwd", "config": {"batch_size": 3}})
+    named = write(tmp_path, {"config": {"sftp_host": "named.example"}}, name="named.json")
+
+    settings = load_settings(named, needs=set())
+
+    assert settings.customer_number is None
+    assert (settings.config.sftp_host, settings.config.batch_size) == ("named.example", 20)
+
+
+# --- what the core is built from ------------------------------------------------------
+
+
+def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
+    """Every value reaches the object that uses it: no field forgotten on the way, and
+    none of them replaced by a default of the object's own."""
+    from pydantic import SecretStr
+
+    from erp_push.pipeline import PushPlan
+    from erp_push.render import FieldKeys
+    from erp_push.transport import SftpOptions
+
+    (tmp_path / "id_ed25519").write_text("key")
+    data = complete(tmp_path)
+    data["secrets"]["sftp_private_key_passphrase"] = "phrase"
+    data["config"].update(
+        nuntiq_timeout_seconds=12.5,
+        max_invoice_bytes=300_000,
+        batch_size=7,
+        lease_ttl_seconds=120,
+        concurrency=3,
+        max_run_seconds=99,
+        sftp_port=2222,
+        sftp_private_key_path="id_ed25519",
+        remote_sent=None,
+        publish_mode="direct",
+        sftp_connect_timeout_seconds=3,
+        sftp_operation_timeout_seconds=4,
+        sftp_keepalive_seconds=5.6,
+        sftp_max_channels=2,
+        field_invoice_number="docNo",
+        field_invoice_date="docDate",
+        field_currency="cur",
+        field_total="sum",
+        field_supplier_code="vendorNo",
+        vendor_address_type="remit_to",
+    )
+    settings = load_settings(write(tmp_path, data), needs=ALL_NEEDS)
+    keys = FieldKeys(
+        invoice_number="docNo",
+        invoice_date="docDate",
+        currency="cur",
+        total="sum",
+        supplier_code="vendorNo",
+        vendor_address_type="remit_to",
+    )
+
+    assert settings.config.field_keys() == keys
+    assert settings.nuntiq_client_options() == {
+        "base_url": "https://api.apreceiving.com/api",
+        "api_key": SecretStr(API_KEY),
+        "timeout": 12.5,
+        "max_reply_bytes": 300_000,
+        "max_connections": 3,
+    }
+    assert settings.sftp_options() == SftpOptions(
+        host="sftp.acme-erp.com",
+        port=2222,
+        user="nuntiq_push",
+        connect_timeout=3,
+        operation_timeout=4,
+        keepalive_interval=6,
+        password=SecretStr(SECRET),
+        private_key_path=tmp_path / "id_ed25519",
+        private_key_passphrase=SecretStr("phrase"),
+        known_hosts=tmp_path / "known_hosts",
+        host_key_sha256=None,
+    )
+    assert settings.remote_folders() == ("/inbound/invoices", None)
+    assert settings.push_plan(drain=True, max_invoices=40) == PushPlan(
+        connector_name="acme_erp_push",
+        outbox="/inbound/invoices",
+        sent=None,
+        field_keys=keys,
+        batch_size=7,
+        lease_ttl_seconds=120,
+        concurrency=3,
+        max_channels=2,
+        drain=True,
+        max_invoices=40,
+        max_run_seconds=99,
+        publish_mode="direct",
+    )
+
+
+def test_the_core_objects_state_no_defaults_of_their_own() -> None:
+    """The settings own every default; a second one in the object could drift from it."""
+    from dataclasses import MISSING, fields
+
+    from erp_push.pipeline import PushPlan
+    from erp_push.render import FieldKeys
+    from erp_push.transport import SftpOptions
+
+    for cls in (SftpOptions, FieldKeys, PushPlan):
+        for f in fields(cls):
+            # None only for what may be absent: a login method or host-key check not used.
+            assert f.default in (MISSING, None), f"{cls.__name__}.{f.name} = {f.default!r}"
+            assert f.default_factory is MISSING, f"{cls.__name__}.{f.name}"
+
+
+def test_the_default_template_keys_are_the_settings_defaults() -> None:
+    keys = Config().field_keys()
+
+    assert (keys.invoice_number, keys.total, keys.vendor_address_type) == (
+        "invoiceNumber",
+        "grossAmount",
+        "vendor",
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "line"),
+    [
+        (
+            lambda s: s.sftp_options(),
+            "config.sftp_host (env ERP_PUSH_SFTP_HOST): is required for SFTP",
+        ),
+        (
+            lambda s: s.remote_folders(),
+            "config.remote_outbox (env ERP_PUSH_REMOTE_OUTBOX): is required for SFTP",
+        ),
+        (
+            lambda s: s.push_plan(drain=False, max_invoices=None),
+            "config.remote_outbox (env ERP_PUSH_REMOTE_OUTBOX): is required for SFTP",
+        ),
+        (
+            lambda s: s.nuntiq_client_options(),
+            "secrets.nuntiq_api_key (env ERP_PUSH_NUNTIQ_API_KEY): is required to talk to Nuntiq",
+        ),
+    ],
+)
+def test_building_without_the_need_checked_names_the_missing_setting(
+    tmp_path: Path, build: Any, line: str
+) -> None:
+    """A command that forgot a Need gets load_settings' own line (exit 3), not an
+    AssertionError, and not a None that fails somewhere later under ``python -O``."""
+    path = write(tmp_path, {"config": {"nuntiq_base_url": "https://api.apreceiving.com/api"}})
+    settings = load_settings(path, needs=set())
+
+    with pytest.raises(SettingsError) as caught:
+        build(settings)
+
+    assert caught.value.problems == [line]
+    assert caught.value.exit_code == ExitCode.SETTINGS
+
+
+def test_a_push_plan_needs_the_connector_name(tmp_path: Path) -> None:
+    data = complete(tmp_path)
+    del data["config"]["connector_name"]
+    settings = load_settings(write(tmp_path, data), needs={Need.SFTP})
+
+    with pytest.raises(SettingsError, match=r"config.connector_name .* is required"):
+        settings.push_plan(drain=False, max_invoices=None)

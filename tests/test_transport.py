@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paramiko
 import pytest
@@ -56,9 +56,11 @@ def publish_on(
     sent: str | None,
     file: RenderedFile,
     on_checkpoint: Checkpoint | None = None,
+    *,
+    mode: Literal["rename", "direct"] = "rename",
 ) -> Delivery:
-    """Publish as the pipeline does, in the mode the session's options name."""
-    drop = Drop(outbox=outbox, sent=sent, mode=session.options.publish_mode)
+    """Publish as the pipeline does, in ``mode`` (the setting publish_mode)."""
+    drop = Drop(outbox=outbox, sent=sent, mode=mode)
     return publishing.publish(session, drop, file, on_checkpoint=on_checkpoint)
 
 
@@ -293,8 +295,8 @@ def test_no_rename_with_direct_mode_writes_the_final_name(sftp_server_factory: F
     info = sftp_server_factory("no_rename")
     info.write(f"{info.outbox}/{NAME}", b"taken")
 
-    with SftpSession.connect(info.options(publish_mode="direct")) as session:
-        delivery = publish_on(session, info.outbox, info.sent, rendered())
+    with SftpSession.connect(info.options()) as session:
+        delivery = publish_on(session, info.outbox, info.sent, rendered(), mode="direct")
 
     assert delivery.remote_path == f"{info.outbox}/ABC-20260101-2.csv"
     assert info.files() == {
@@ -361,10 +363,10 @@ def test_failure_in_direct_mode_removes_the_partial_file(sftp_server_factory: Fa
     info = sftp_server_factory("disk_full")
 
     with (
-        SftpSession.connect(info.options(publish_mode="direct")) as session,
+        SftpSession.connect(info.options()) as session,
         pytest.raises(SftpOperationError, match="No space left") as failure,
     ):
-        publish_on(session, info.outbox, info.sent, rendered())
+        publish_on(session, info.outbox, info.sent, rendered(), mode="direct")
 
     assert failure.value.failure_code == "SFTP_DISK_FULL"
     assert info.listdir(info.outbox) == []
@@ -587,6 +589,7 @@ def _bare_options(port: int, tmp_path: Path) -> object:
         known_hosts=tmp_path / "known_hosts",
         connect_timeout=1,
         operation_timeout=1,
+        keepalive_interval=15,
     )
 
 
@@ -662,6 +665,7 @@ def test_a_server_whose_sftp_never_starts_cannot_hang_the_run(mode: str) -> None
     options = SftpOptions(
         host="127.0.0.1", port=port, user="u", password=SecretStr("p"),
         host_key_sha256=fingerprint(host_key), connect_timeout=1, operation_timeout=1,
+        keepalive_interval=15,
     )  # fmt: skip
     outcome: list[BaseException] = []
 

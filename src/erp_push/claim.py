@@ -62,7 +62,10 @@ M = TypeVar("M", bound=BaseModel)
 
 CHUNK_SIZE = 64 * 1024
 ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short JSON)
-DEFAULT_MAX_REPLY_BYTES = 20_000_000  # settings.Config.max_invoice_bytes has the same default
+# The client's own defaults, for use on its own (tests, tooling); settings.Config takes
+# nuntiq_timeout_seconds and max_invoice_bytes from here rather than restating them.
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_MAX_REPLY_BYTES = 20_000_000
 DEFAULT_MAX_CONNECTIONS = 10
 REDACTED = "***"
 # The loggers httpx and httpcore narrate requests on (at DEBUG, with reason phrases and
@@ -333,7 +336,7 @@ class NuntiqClient:
         base_url: str,
         api_key: SecretStr,
         *,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
         retry: RetryPolicy | None = None,
         bookkeeping_retry: RetryPolicy = BOOKKEEPING_RETRY,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from erp_push.claim import NuntiqClient
 from erp_push.errors import RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
-from erp_push.pipeline import Pusher, PushPlan
-from erp_push.render import FieldKeys, RenderedFile, render_invoice
+from erp_push.pipeline import Pusher
+from erp_push.render import RenderedFile, render_invoice
 from erp_push.report import (
     CleanupReport,
     DryRunReport,
@@ -32,7 +32,7 @@ from erp_push.settings import Settings
 if TYPE_CHECKING:
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
-    from erp_push.transport import SftpOptions, SftpSession
+    from erp_push.transport import SftpSession
 
 log = logging.getLogger("erp_push.commands")
 
@@ -45,47 +45,16 @@ DRY_RUN_LEASE_TTL_SECONDS = 60
 
 
 def nuntiq_client(settings: Settings) -> NuntiqClient:
-    cfg, secrets = settings.config, settings.secrets
-    assert cfg.nuntiq_base_url is not None and secrets.nuntiq_api_key is not None
-    return NuntiqClient(
-        str(cfg.nuntiq_base_url),
-        secrets.nuntiq_api_key,
-        timeout=cfg.nuntiq_timeout_seconds,
-        max_reply_bytes=cfg.max_invoice_bytes,
-        # one keep-alive connection per lane: no lane waits for another's socket
-        max_connections=cfg.concurrency,
-    )
-
-
-def sftp_options(settings: Settings) -> SftpOptions:
-    from erp_push.transport import SftpOptions
-
-    cfg, secrets = settings.config, settings.secrets
-    assert cfg.sftp_host is not None and cfg.sftp_user is not None
-    return SftpOptions(
-        host=cfg.sftp_host,
-        port=cfg.sftp_port,
-        user=cfg.sftp_user,
-        password=secrets.sftp_password,
-        private_key_path=cfg.sftp_private_key_path,
-        private_key_passphrase=secrets.sftp_private_key_passphrase,
-        known_hosts=cfg.sftp_known_hosts,
-        host_key_sha256=cfg.sftp_host_key_sha256,
-        connect_timeout=cfg.sftp_connect_timeout_seconds,
-        operation_timeout=cfg.sftp_operation_timeout_seconds,
-        keepalive_interval=round(cfg.sftp_keepalive_seconds),
-        publish_mode=cfg.publish_mode,
-    )
+    return NuntiqClient(**settings.nuntiq_client_options())
 
 
 def sftp_connector(settings: Settings) -> Callable[[], SftpSession]:
-    outbox, sent = settings.config.remote_outbox, settings.config.remote_sent
-    assert outbox is not None
+    outbox, sent = settings.remote_folders()
 
     def connect() -> SftpSession:
         from erp_push.transport import SftpSession
 
-        session = SftpSession.connect(sftp_options(settings))
+        session = SftpSession.connect(settings.sftp_options())
         try:
             session.check_folders(outbox, sent)
         except SftpError:
@@ -94,38 +63,6 @@ def sftp_connector(settings: Settings) -> Callable[[], SftpSession]:
         return session
 
     return connect
-
-
-def field_keys(settings: Settings) -> FieldKeys:
-    cfg = settings.config
-    return FieldKeys(
-        invoice_number=cfg.field_invoice_number,
-        invoice_date=cfg.field_invoice_date,
-        currency=cfg.field_currency,
-        total=cfg.field_total,
-        supplier_code=cfg.field_supplier_code,
-        vendor_address_type=cfg.vendor_address_type,
-    )
-
-
-def push_plan(
-    settings: Settings, *, drain: bool = False, max_invoices: int | None = None
-) -> PushPlan:
-    cfg = settings.config
-    assert cfg.remote_outbox is not None
-    return PushPlan(
-        connector_name=cfg.connector_name or "erp_push",
-        outbox=cfg.remote_outbox,
-        sent=cfg.remote_sent,
-        field_keys=field_keys(settings),
-        batch_size=cfg.batch_size,
-        lease_ttl_seconds=cfg.lease_ttl_seconds,
-        concurrency=cfg.concurrency,
-        drain=drain,
-        max_invoices=max_invoices,
-        max_run_seconds=cfg.max_run_seconds,
-        publish_mode=cfg.publish_mode,
-    )
 
 
 # --- push -----------------------------------------------------------------------------
@@ -159,10 +96,9 @@ def push(
             nuntiq=client,
             connect_sftp=connect_sftp or sftp_connector(settings),
             journal=journal,
-            plan=push_plan(settings, drain=drain, max_invoices=max_invoices),
+            plan=settings.push_plan(drain=drain, max_invoices=max_invoices),
             on_outcome=on_outcome,
             on_claimed=on_claimed,
-            max_channels=settings.config.sftp_max_channels,
         ).run()
     finally:
         journal.close()
@@ -187,12 +123,14 @@ def dry_run(
     look: those invoices are held for DRY_RUN_LEASE_TTL_SECONDS, then return to the queue.
     """
     client = nuntiq or nuntiq_client(settings)
-    plan = push_plan(settings)
+    keys = settings.config.field_keys()
+    folders = settings.remote_folders()
     today = today or datetime.now(UTC).date()
     report = DryRunReport(lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS)
     try:
         leases = client.claim(
-            limit=limit or plan.batch_size, lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS
+            limit=limit or settings.config.batch_size,
+            lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS,
         )
         rendered: list[tuple[str, RenderedFile | RenderError]] = []
         for lease in leases:
@@ -201,7 +139,7 @@ def dry_run(
                 rendered.append(
                     (
                         lease.invoice_token,
-                        render_invoice(invoice, keys=plan.field_keys, today=today),
+                        render_invoice(invoice, keys=keys, today=today),
                     )
                 )
             except RenderError as exc:
@@ -212,7 +150,7 @@ def dry_run(
         report.sftp_checked = True
         try:
             for token, item in rendered:
-                report.files.append(_preview_one(session, plan, token, item))
+                report.files.append(_preview_one(session, folders, token, item))
         finally:
             session.close()
         return report
@@ -222,13 +160,17 @@ def dry_run(
 
 
 def _preview_one(
-    session: SftpSession, plan: PushPlan, token: str, item: RenderedFile | RenderError
+    session: SftpSession,
+    folders: tuple[str, str | None],
+    token: str,
+    item: RenderedFile | RenderError,
 ) -> PreviewedFile:
     if isinstance(item, RenderError):
         return PreviewedFile(token, None, None, failure_code=item.failure_code, message=str(item))
     from erp_push import publish
 
-    drop = publish.Drop(outbox=plan.outbox, sent=plan.sent)
+    outbox, sent = folders
+    drop = publish.Drop(outbox=outbox, sent=sent)
     delivery = publish.preview(session, drop, item)
     if delivery.already_delivered:
         return PreviewedFile(
@@ -254,7 +196,7 @@ def render_one(
     try:
         invoice = client.get_invoice(invoice_token).invoice
         return render_invoice(
-            invoice, keys=field_keys(settings), today=today or datetime.now(UTC).date()
+            invoice, keys=settings.config.field_keys(), today=today or datetime.now(UTC).date()
         )
     finally:
         if nuntiq is None:
@@ -272,8 +214,7 @@ def cleanup_tmp(
     connect_sftp: Callable[[], SftpSession] | None = None,
 ) -> CleanupReport:
     """List, and unless ``dry_run`` remove, erp-push's own stale tmp files in the outbox."""
-    outbox = settings.config.remote_outbox
-    assert outbox is not None
+    outbox, _ = settings.remote_folders()
     report = CleanupReport(older_than=older_than, dry_run=dry_run)
     session = (connect_sftp or sftp_connector(settings))()
     try:

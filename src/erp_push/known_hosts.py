@@ -33,9 +33,9 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
+from paramiko.pkey import UnknownKeyType
 
 from erp_push.errors import SettingsError
 
@@ -62,7 +62,7 @@ class Entry:
     hosts: str  # the hostnames field, as written
     key_type: str
     blob: bytes  # the public key as on the wire: what a server presents
-    key: Any | None  # paramiko PKey; None for key types paramiko does not know
+    key: paramiko.PKey | None  # None for key types paramiko does not know
 
     def matches(self, name: str) -> bool:
         return host_matches(name, self.hosts)
@@ -72,7 +72,7 @@ class Entry:
 class HostKeys:
     """What a known_hosts file says about one server."""
 
-    trusted: list[Any] = field(default_factory=list)  # paramiko PKeys
+    trusted: list[paramiko.PKey] = field(default_factory=list)
     revoked: list[Entry] = field(default_factory=list)
 
     @property
@@ -138,13 +138,13 @@ def _blob_type(blob: bytes) -> str | None:
     return raw.decode("ascii", errors="replace")
 
 
-def _decode(key_type: str, blob: bytes) -> Any | None:
+def _decode(key_type: str, blob: bytes) -> paramiko.PKey | None:
     """A paramiko key, or None for a type paramiko cannot verify with (e.g. sk-*, DSA)."""
     if key_type.endswith(_CERT_SUFFIX):
         return None
     try:
         return paramiko.PKey.from_type_string(key_type, blob)
-    except paramiko.UnknownKeyType:
+    except UnknownKeyType:
         return None
 
 
@@ -228,6 +228,6 @@ def load(path: Path, host: str, port: int) -> HostKeys:
             continue
         if entry.marker == REVOKED:
             keys.revoked.append(entry)
-        else:
+        elif entry.key is not None:  # always: parse() keeps no trusted line it cannot read
             keys.trusted.append(entry.key)
     return keys

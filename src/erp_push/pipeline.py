@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
@@ -94,21 +94,23 @@ DEADLINE_GRACE_SECONDS = 60
 LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PushPlan:
-    """What one `erp-push push` does; built from settings and command-line options."""
+    """What one `erp-push push` does: ``Settings.push_plan()`` builds it from the settings
+    (which own every default) and the command-line options."""
 
     connector_name: str
     outbox: str
     sent: str | None
     field_keys: FieldKeys
-    batch_size: int = 20
-    lease_ttl_seconds: int = 600
-    concurrency: int = 32
-    drain: bool = False
-    max_invoices: int | None = None
-    max_run_seconds: float = 1200.0
-    publish_mode: str = "rename"
+    batch_size: int
+    lease_ttl_seconds: int
+    concurrency: int
+    max_channels: int  # SFTP channels per SSH login
+    drain: bool
+    max_invoices: int | None
+    max_run_seconds: float
+    publish_mode: Literal["rename", "direct"]
 
 
 class RunStopped(Exception):
@@ -159,7 +161,7 @@ class SessionPool:
     def __init__(
         self,
         connect: Callable[[], SftpSession],
-        max_channels: int = 10,
+        max_channels: int,
         *,
         login_retry_delay: float = 1.0,
     ) -> None:
@@ -465,7 +467,7 @@ class InvoiceWorker:
         drop = publish.Drop(
             outbox=self.plan.outbox,
             sent=self.plan.sent,
-            mode="direct" if self.plan.publish_mode == "direct" else "rename",
+            mode=self.plan.publish_mode,
         )
 
         def attempt() -> Delivery:
@@ -570,12 +572,11 @@ class Pusher:
         on_outcome: Callable[[Outcome], None] | None = None,
         on_claimed: Callable[[int], None] | None = None,
         on_checkpoint: Checkpoint | None = None,
-        max_channels: int = 10,
     ) -> None:
         self.nuntiq = nuntiq
         self.journal = journal
         self.plan = plan
-        self.sessions = SessionPool(connect_sftp, max_channels=max_channels)
+        self.sessions = SessionPool(connect_sftp, max_channels=plan.max_channels)
         self.health = ServerHealth()
         self.worker = InvoiceWorker(
             nuntiq=nuntiq,

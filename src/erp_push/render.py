@@ -47,16 +47,17 @@ _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _INVISIBLE = frozenset("\u034f\u115f\u1160\u3164\uffa0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FieldKeys:
-    """Template keys of the customer's invoice template (from settings.config)."""
+    """Template keys of the customer's invoice template; built by
+    ``settings.Config.field_keys()``, which owns their defaults."""
 
-    invoice_number: str = "invoiceNumber"
-    invoice_date: str = "invoiceDate"
-    currency: str = "currencyCode"
-    total: str = "grossAmount"
-    supplier_code: str = "supplierCode"
-    vendor_address_type: str = "vendor"
+    invoice_number: str
+    invoice_date: str
+    currency: str
+    total: str
+    supplier_code: str
+    vendor_address_type: str  # the address whose address_name is the supplier fallback
 
 
 @dataclass(frozen=True)

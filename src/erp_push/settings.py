@@ -14,6 +14,10 @@ values never appear in those lines (nor in ``repr(settings)``: they are ``Secret
 
 Each command asks only for what it uses (``Need``): ``render`` needs Nuntiq but no SFTP
 login; ``cleanup-tmp`` needs SFTP but no Nuntiq key.
+
+The settings are the one source of every default: the objects the core is built from
+(``SftpOptions``, ``FieldKeys``, ``PushPlan``, the Nuntiq client's options) come from
+``Settings`` methods and state none of their own.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
+from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -36,14 +41,18 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
-    JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
-from erp_push import wire
+from erp_push import claim, wire
 from erp_push.errors import JournalUnusable, SettingsError
 from erp_push.journal import Journal
+from erp_push.render import FieldKeys
+
+if TYPE_CHECKING:
+    from erp_push.pipeline import PushPlan
+    from erp_push.transport import SftpOptions
 
 ENV_PREFIX = "ERP_PUSH_"
 DEFAULT_SETTINGS_FILE = Path("settings.json")
@@ -129,14 +138,14 @@ class Config(BaseModel):
         "https is required except for loopback hosts.",
     )
     nuntiq_timeout_seconds: float = Field(
-        default=30.0,
+        default=claim.DEFAULT_TIMEOUT_SECONDS,
         gt=0,
         le=600,
         description="Timeout of each Nuntiq HTTP request as a whole, from connecting to "
         "its last byte.",
     )
     max_invoice_bytes: int = Field(
-        default=20_000_000,
+        default=claim.DEFAULT_MAX_REPLY_BYTES,
         ge=100_000,
         le=2_000_000_000,
         description="Largest invoice answer read from Nuntiq, in bytes; a larger one fails "
@@ -258,6 +267,27 @@ class Config(BaseModel):
         # null in the file (as in settings.example.json) means "use the default".
         return _default_state_dir() if value is None or value == "" else value
 
+    def field_keys(self) -> FieldKeys:
+        """The customer's template keys, for ``render.render_invoice``."""
+        return FieldKeys(
+            invoice_number=self.field_invoice_number,
+            invoice_date=self.field_invoice_date,
+            currency=self.field_currency,
+            total=self.field_total,
+            supplier_code=self.field_supplier_code,
+            vendor_address_type=self.vendor_address_type,
+        )
+
+
+class NuntiqClientOptions(TypedDict):
+    """``claim.NuntiqClient``'s keyword arguments that come from the settings."""
+
+    base_url: str
+    api_key: SecretStr
+    timeout: float
+    max_reply_bytes: int
+    max_connections: int
+
 
 class Settings(BaseSettings):
     """All settings. Build with ``load_settings``; ``Settings()`` reads env + ./settings.json."""
@@ -265,9 +295,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid",
         frozen=True,
-        json_file=DEFAULT_SETTINGS_FILE,
-        # A BOM is what some Windows editors write; it is not a reason to refuse the file.
-        json_file_encoding="utf-8-sig",
         coerce_numbers_to_str=True,  # "customer_number": 10000001 is meant as text
     )
 
@@ -286,24 +313,139 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings names its own sources (its file, or exactly the values left after
+        # an error) through this documented hook; the public API has no per-call way.
+        chosen = _SOURCES.get()
+        if chosen is not None:
+            return chosen
         # Highest priority first: explicit values (tests), ERP_PUSH_* env, the JSON file.
         # No .env or secrets-dir sources: one file and the environment are the whole story.
         return (init_settings, FlatEnvSource(settings_cls), SettingsFileSource(settings_cls))
+
+    # --- what the core is built from. Each method needs what its ``Need`` checked; called
+    # without it, it raises the SettingsError load_settings would have raised.
+
+    def nuntiq_client_options(self) -> NuntiqClientOptions:
+        """``NuntiqClient(**settings.nuntiq_client_options())`` (``Need.NUNTIQ``)."""
+        c, why = self.config, "to talk to Nuntiq"
+        return NuntiqClientOptions(
+            base_url=_required("config.nuntiq_base_url", c.nuntiq_base_url, why),
+            api_key=_required("secrets.nuntiq_api_key", self.secrets.nuntiq_api_key, why),
+            timeout=c.nuntiq_timeout_seconds,
+            max_reply_bytes=c.max_invoice_bytes,
+            # one keep-alive connection per lane: no lane waits for another's socket
+            max_connections=c.concurrency,
+        )
+
+    def sftp_options(self) -> SftpOptions:
+        """How to reach and log in to the SFTP server (``Need.SFTP``)."""
+        # Imported here: the SSH library loads on the first connect, never in an idle run.
+        from erp_push.transport import SftpOptions
+
+        c, s, why = self.config, self.secrets, "for SFTP"
+        return SftpOptions(
+            host=_required("config.sftp_host", c.sftp_host, why),
+            port=c.sftp_port,
+            user=_required("config.sftp_user", c.sftp_user, why),
+            password=s.sftp_password,
+            private_key_path=c.sftp_private_key_path,
+            private_key_passphrase=s.sftp_private_key_passphrase,
+            known_hosts=c.sftp_known_hosts,
+            host_key_sha256=c.sftp_host_key_sha256,
+            connect_timeout=c.sftp_connect_timeout_seconds,
+            operation_timeout=c.sftp_operation_timeout_seconds,
+            keepalive_interval=round(c.sftp_keepalive_seconds),
+        )
+
+    def remote_folders(self) -> tuple[str, str | None]:
+        """The outbox and the ERP's sent folder (None: not checked) (``Need.SFTP``)."""
+        outbox = _required("config.remote_outbox", self.config.remote_outbox, "for SFTP")
+        return outbox, self.config.remote_sent
+
+    def push_plan(self, *, drain: bool, max_invoices: int | None) -> PushPlan:
+        """What one push does (``Need.SFTP`` and ``Need.CONNECTOR``)."""
+        from erp_push.pipeline import PushPlan
+
+        c = self.config
+        outbox, sent = self.remote_folders()
+        return PushPlan(
+            connector_name=_required(
+                "config.connector_name", c.connector_name, "to record the run in Nuntiq"
+            ),
+            outbox=outbox,
+            sent=sent,
+            field_keys=c.field_keys(),
+            batch_size=c.batch_size,
+            lease_ttl_seconds=c.lease_ttl_seconds,
+            concurrency=c.concurrency,
+            max_channels=c.sftp_max_channels,
+            drain=drain,
+            max_invoices=max_invoices,
+            max_run_seconds=c.max_run_seconds,
+            publish_mode=c.publish_mode,
+        )
+
+
+# The sources a Settings() call reads instead of its defaults (see load_settings).
+_SOURCES: ContextVar[tuple[PydanticBaseSettingsSource, ...] | None] = ContextVar(
+    "erp_push_settings_sources", default=None
+)
+
+
+def _settings_from(*sources: PydanticBaseSettingsSource) -> Settings:
+    """``Settings`` built from exactly these sources, highest priority first."""
+    token = _SOURCES.set(sources)
+    try:
+        return Settings()
+    finally:
+        _SOURCES.reset(token)
+
+
+_Value = TypeVar("_Value", str, SecretStr)
+
+
+def _required(json_key: str, value: _Value | None, why: str) -> _Value:
+    """A value that ``load_settings`` requires for some ``Need``. A caller that did not ask
+    for that need gets the line load_settings would have written (an assert would be
+    a traceback, and nothing at all under ``python -O``)."""
+    if value is None or not _is_set(value):
+        raise SettingsError([f"{_label(json_key)}: is required {why}"])
+    return value
 
 
 # --- sources --------------------------------------------------------------------------
 
 
-class SettingsFileSource(JsonConfigSettingsSource):
+class SettingsFileSource(PydanticBaseSettingsSource):
     """The JSON settings file, with errors that point at the line and column.
 
     A missing file yields no values (the environment may provide everything);
-    ``load_settings`` complains separately when the file was named explicitly.
+    ``load_settings`` complains separately when the file was named explicitly. Read here,
+    not by subclassing pydantic-settings' JSON source: its reading hook is private API.
     """
 
-    def _read_file(self, path: Any) -> dict[str, Any]:
+    def __init__(
+        self, settings_cls: type[BaseSettings], json_file: Path = DEFAULT_SETTINGS_FILE
+    ) -> None:
+        super().__init__(settings_cls)
+        self.json_file = json_file
+        # Read once: the values validated and the values salvaged after an error are the
+        # same, even if the file changes in between.
+        self.values = self._read(json_file) if json_file.is_file() else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Only used by the default __call__, which this source replaces.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.values
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
         try:
-            data = super()._read_file(path)
+            # A BOM is what some Windows editors write; it is not a reason to refuse the file.
+            with path.open(encoding="utf-8-sig") as file:
+                data = json.load(file)
         except json.JSONDecodeError as exc:
             # `from None`: the decode error carries the whole document, secrets included.
             raise SettingsError(
@@ -681,10 +823,7 @@ def load_settings(path: Path | None, *, needs: AbstractSet[Need]) -> Settings:
     env_source = FlatEnvSource(Settings)
     settings: Settings | None
     try:
-        # `_build_sources` is pydantic-settings' documented hook for pre-built sources:
-        # it lets this call name its file without a per-call subclass. Env beats file.
-        # (mypy sees only the fields in __init__, not BaseSettings' `_` options.)
-        settings = Settings(_build_sources=((env_source, file_source), {}))  # type: ignore[call-arg]
+        settings = _settings_from(env_source, file_source)  # env beats file
         problems: list[str] = []
         reported: set[str] = set()
     except ValidationError as exc:
@@ -736,8 +875,7 @@ def _salvage(
 def _validate_exactly(values: dict[str, Any]) -> Settings:
     # Not Settings.model_validate: on a BaseSettings that runs the env and file sources
     # again. One init source validates exactly these values and nothing else.
-    source = InitSettingsSource(Settings, init_kwargs=values)
-    return Settings(_build_sources=((source,), {}))  # type: ignore[call-arg]
+    return _settings_from(InitSettingsSource(Settings, init_kwargs=values))
 
 
 def _without(data: Mapping[str, Any], loc: tuple[str, ...]) -> dict[str, Any]:

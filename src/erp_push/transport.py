@@ -29,15 +29,15 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
-import paramiko  # type: ignore[import-untyped]
-from paramiko.sftp import (  # type: ignore[import-untyped]
+import paramiko
+from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
     CMD_DATA,
@@ -110,22 +110,23 @@ class Status:
 
 @dataclass(frozen=True, kw_only=True)
 class SftpOptions:
-    """Everything needed to reach the drop folder. Secrets stay ``SecretStr`` until auth."""
+    """Everything needed to reach the drop folder. Secrets stay ``SecretStr`` until auth.
+
+    Built by ``Settings.sftp_options()``, which owns every default: none is restated here.
+    The ``None`` fields are a login method or host-key check that is not used.
+    """
 
     host: str
+    port: int
     user: str
-    port: int = 22
+    connect_timeout: float  # TCP connect, SSH banner, handshake, auth
+    operation_timeout: float  # each SFTP request; a hung server cannot hang cron
+    keepalive_interval: int  # seconds; 0 turns it off
     password: SecretStr | None = None
     private_key_path: Path | None = None
     private_key_passphrase: SecretStr | None = None
     known_hosts: Path | None = None  # OpenSSH known_hosts file (plain or hashed entries)
     host_key_sha256: str | None = None  # "SHA256:<base64>", as `ssh-keygen -lf` prints
-    connect_timeout: float = 10.0  # TCP connect, SSH banner, handshake, auth
-    operation_timeout: float = 30.0  # each SFTP request; a hung server cannot hang cron
-    keepalive_interval: int = 15
-    # "direct" writes straight to the final name, for servers that forbid rename. It is
-    # NOT atomic: the ERP may see a partial file.
-    publish_mode: Literal["rename", "direct"] = "rename"
 
     @property
     def address(self) -> str:
@@ -139,7 +140,7 @@ class RemoteFile:
     mtime: datetime  # UTC
 
 
-def fingerprint(key: Any) -> str:
+def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256 fingerprint of a public key, e.g. ``SHA256:abc...`` (no padding)."""
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
@@ -168,7 +169,7 @@ class _StatusError(OSError):
         self.sftp_code = code
 
 
-class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
+class _SftpClient(paramiko.SFTPClient):
     """paramiko's client, keeping the server's extension list and status codes.
 
     paramiko reads the server's VERSION packet but drops the extensions it lists, so
@@ -178,6 +179,16 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
     """
 
     extensions: dict[bytes, bytes]
+
+    if TYPE_CHECKING:
+        # paramiko's private helpers that this client and Exchange build on; the stubs
+        # cover only the public API. Signatures as in paramiko's sftp.py/sftp_client.py.
+        def _send_packet(self, t: int, packet: paramiko.Message) -> None: ...
+        def _read_packet(self) -> tuple[int, bytes]: ...
+        def _async_request(self, fileobj: object, t: int, *args: object) -> int: ...
+        def _read_response(
+            self, waitfor: int | None = None
+        ) -> tuple[int, paramiko.Message] | tuple[None, None]: ...
 
     def _send_version(self) -> int:
         message = paramiko.Message()
@@ -194,7 +205,7 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
             self.extensions[name] = reply.get_string()
         return version
 
-    def _convert_status(self, msg: Any) -> None:
+    def _convert_status(self, msg: paramiko.Message) -> None:
         code = msg.get_int()
         text = msg.get_text()
         if code == SFTP_OK:
@@ -216,7 +227,9 @@ class _SftpClient(paramiko.SFTPClient):  # type: ignore[misc]
 # --- connecting -----------------------------------------------------------------------
 
 
-def _verify_host_key(options: SftpOptions, server_key: Any, known: known_hosts.HostKeys) -> None:
+def _verify_host_key(
+    options: SftpOptions, server_key: paramiko.PKey, known: known_hosts.HostKeys
+) -> None:
     """Accept the key only if a configured source vouches for it and none contradicts it."""
     name = known_hosts.host_name(options.host, options.port)
     seen = f"{server_key.get_name()} {fingerprint(server_key)}"
@@ -263,7 +276,7 @@ def _verify_host_key(options: SftpOptions, server_key: Any, known: known_hosts.H
 _KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
 
 
-def _load_private_key(path: Path, passphrase: SecretStr | None) -> Any:
+def _load_private_key(path: Path, passphrase: SecretStr | None) -> paramiko.PKey:
     """Try each key type paramiko knows. Messages name the file, never the passphrase."""
     secret = passphrase.get_secret_value() if passphrase is not None else None
     problems: list[str] = []
@@ -283,7 +296,7 @@ def _load_private_key(path: Path, passphrase: SecretStr | None) -> Any:
     raise SftpAuthError(f"{path} is not a readable Ed25519, ECDSA or RSA private key")
 
 
-def _authenticate(ssh: Any, options: SftpOptions) -> None:
+def _authenticate(ssh: paramiko.Transport, options: SftpOptions) -> None:
     refused = f"login to {options.address} as {options.user!r} refused"
     try:
         if options.private_key_path is not None:
@@ -305,7 +318,7 @@ def _authenticate(ssh: Any, options: SftpOptions) -> None:
         raise SftpAuthError(f"{refused}: wrong user, password or key") from None
 
 
-def _open_sftp(ssh: Any, options: SftpOptions) -> _SftpClient:
+def _open_sftp(ssh: paramiko.Transport, options: SftpOptions) -> _SftpClient:
     """Start the SFTP subsystem on a new channel, within ``connect_timeout``.
 
     paramiko waits up to an hour for the channel and without any limit for the subsystem
@@ -335,7 +348,7 @@ def _open_sftp(ssh: Any, options: SftpOptions) -> _SftpClient:
     return sftp
 
 
-def _open_ssh(options: SftpOptions) -> Any:
+def _open_ssh(options: SftpOptions) -> paramiko.Transport:
     """The SSH connection (paramiko's ``Transport``, named ``ssh`` throughout), not yet
     started: TCP connected, every wait of the handshake bounded."""
     try:
@@ -361,14 +374,14 @@ def _open_ssh(options: SftpOptions) -> Any:
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
-def _prefer_fast_ciphers(ssh: Any) -> None:
+def _prefer_fast_ciphers(ssh: paramiko.Transport) -> None:
     security = ssh.get_security_options()
     offered = list(security.ciphers)
     preferred = [c for c in _FAST_CIPHERS if c in offered]
     security.ciphers = preferred + [c for c in offered if c not in preferred]
 
 
-def _prefer_key_types(ssh: Any, trusted: set[str]) -> None:
+def _prefer_key_types(ssh: paramiko.Transport, trusted: set[str]) -> None:
     """Ask for a host key type we already trust, so a server with several keys shows it."""
     if not trusted:
         return
@@ -409,14 +422,14 @@ class Reply(Generic[T]):
     the server's status code; RemoteFileMissing for a missing path).
     """
 
-    def __init__(self, what: str, parse: Any) -> None:
+    def __init__(self, what: str, parse: Callable[[int, paramiko.Message], T] | None) -> None:
         self.what = what
         self._parse = parse
         self._value: T | None = None
         self._error: SftpOperationError | None = None
         self._done = False
 
-    def _resolve(self, kind: int, msg: Any) -> None:
+    def _resolve(self, kind: int, msg: paramiko.Message) -> None:
         self._done = True
         if kind == CMD_STATUS:
             code, text = msg.get_int(), msg.get_text()
@@ -424,6 +437,8 @@ class Reply(Generic[T]):
                 return
             self._error = _status_error(code, text, self.what)
             return
+        if self._parse is None:  # as the parsers below do for a reply of the wrong kind
+            raise paramiko.SFTPError(f"expected a status, got packet type {kind}")
         self._value = self._parse(kind, msg)
 
     @property
@@ -457,10 +472,16 @@ def failure_code_for(code: int) -> FailureCode:
     return FailureCode.SFTP_UPLOAD_FAILED  # a bare Failure says nothing: publish asks statvfs
 
 
-def _attrs(kind: int, msg: Any) -> RemoteStat:
+# paramiko's parser of an ATTRS reply is private (its stubs leave it out).
+_attributes_from: Callable[[paramiko.Message], paramiko.SFTPAttributes] = (
+    paramiko.SFTPAttributes._from_msg  # type: ignore[attr-defined]
+)
+
+
+def _attrs(kind: int, msg: paramiko.Message) -> RemoteStat:
     if kind != CMD_ATTRS:
         raise paramiko.SFTPError(f"expected attributes, got packet type {kind}")
-    attrs = paramiko.SFTPAttributes._from_msg(msg)
+    attrs = _attributes_from(msg)
     return RemoteStat(
         size=attrs.st_size or 0,
         mtime=attrs.st_mtime,
@@ -468,21 +489,21 @@ def _attrs(kind: int, msg: Any) -> RemoteStat:
     )
 
 
-def _handle(kind: int, msg: Any) -> bytes:
+def _handle(kind: int, msg: paramiko.Message) -> bytes:
     if kind != CMD_HANDLE:
         raise paramiko.SFTPError(f"expected a handle, got packet type {kind}")
     handle: bytes = msg.get_binary()
     return handle
 
 
-def _data(kind: int, msg: Any) -> bytes:
+def _data(kind: int, msg: paramiko.Message) -> bytes:
     if kind != CMD_DATA:
         raise paramiko.SFTPError(f"expected data, got packet type {kind}")
     data: bytes = msg.get_binary()
     return data
 
 
-def _fs_stats(kind: int, msg: Any) -> FsStats:
+def _fs_stats(kind: int, msg: paramiko.Message) -> FsStats:
     if kind != CMD_EXTENDED_REPLY:
         raise paramiko.SFTPError(f"expected statvfs data, got packet type {kind}")
     _bsize, frsize, _blocks, _bfree, bavail, files, _ffree, favail, _fsid, flag = (
@@ -505,7 +526,7 @@ class Exchange:
         self._pending: dict[int, Reply[Any]] = {}
 
     # paramiko calls this for each reply to a request we sent with ourselves as owner.
-    def _async_response(self, kind: int, msg: Any, num: int) -> None:
+    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
         self._pending.pop(num)._resolve(kind, msg)
 
     def _send(self, reply: Reply[T], kind: int, *args: object) -> Reply[T]:
@@ -587,7 +608,7 @@ class SftpSession:
     def __init__(
         self,
         options: SftpOptions,
-        ssh: Any,
+        ssh: paramiko.Transport,
         sftp: _SftpClient,
         *,
         owns_connection: bool = True,

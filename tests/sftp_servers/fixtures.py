@@ -81,6 +81,7 @@ class SftpServerInfo:
             known_hosts=self.known_hosts_path,
             connect_timeout=5,
             operation_timeout=10,
+            keepalive_interval=15,
         )
         return replace(base, **overrides)
 

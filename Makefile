@@ -45,7 +45,7 @@ demo: venv ## Push seeded invoices from the sandbox to a local SFTP server and s
 sandbox: venv ## Run the Nuntiq sandbox in the foreground on 127.0.0.1:$(PORT)
 	$(BIN)/python -m tests.sandbox --host 127.0.0.1 --port $(PORT) --api-key $(SANDBOX_API_KEY)
 
-lint: venv ## ruff and mypy (strict) on the package
+lint: venv ## ruff and mypy (strict) on the package and the tests
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 

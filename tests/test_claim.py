@@ -613,7 +613,11 @@ def test_each_retry_is_logged_with_its_reason(
     ],
 )
 def test_other_errors_are_not_retried(
-    sandbox: Any, client: NuntiqClient, sleeps: Sleeps, status: int, expected: type[Exception]
+    sandbox: Any,
+    client: NuntiqClient,
+    sleeps: Sleeps,
+    status: int,
+    expected: type[errors.NuntiqError],
 ) -> None:
     sandbox.control.seed(1)
     (lease,) = client.claim(limit=1)

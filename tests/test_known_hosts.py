@@ -105,6 +105,7 @@ def test_markers_comments_and_unsupported_key_types() -> None:
         (3, None, "a.example.com"),
         (4, "@revoked", "*"),
     ]
+    assert entries[0].key is not None
     assert entries[0].key.asbytes() == ED.asbytes()
     assert entries[1].blob == OTHER.asbytes()
 

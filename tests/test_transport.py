@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import paramiko
 import pytest
+from paramiko.common import AUTH_SUCCESSFUL, OPEN_SUCCEEDED
 from pydantic import SecretStr
 
 from erp_push import publish as publishing
@@ -408,7 +409,9 @@ def test_hashed_known_hosts_entry_is_accepted(
 ) -> None:
     host_keys = paramiko.HostKeys(str(asyncssh_sftp.known_hosts_path))
     name = f"[127.0.0.1]:{asyncssh_sftp.port}"
-    ((key_type, key),) = host_keys.lookup(name).items()
+    entry = host_keys.lookup(name)
+    assert entry is not None
+    ((key_type, key),) = entry.items()
     hashed = tmp_path / "known_hosts"
     hashed.write_text(f"{paramiko.HostKeys.hash_host(name)} {key_type} {key.get_base64()}\n")
 
@@ -578,9 +581,7 @@ def test_server_that_stops_answering_mid_operation(sftp_server_factory: Factory)
             find_delivered(session, info.outbox, info.sent, rendered())
 
 
-def _bare_options(port: int, tmp_path: Path) -> object:
-    from erp_push.transport import SftpOptions
-
+def _bare_options(port: int, tmp_path: Path) -> SftpOptions:
     return SftpOptions(
         host="127.0.0.1",
         port=port,
@@ -624,7 +625,7 @@ def test_list_stale_tmp_lists_only_our_old_tmp_files(asyncssh_sftp: SftpServerIn
     assert TMP_PATTERN.match("X.csv.0123abcd.erp-push.tmp")
 
 
-class _NoSftpServer(paramiko.ServerInterface):  # type: ignore[misc]
+class _NoSftpServer(paramiko.ServerInterface):
     """Logs anyone in, then never gets SFTP going: like sshd whose sftp-server hangs."""
 
     def __init__(self, mode: str, release: threading.Event) -> None:
@@ -635,10 +636,10 @@ class _NoSftpServer(paramiko.ServerInterface):  # type: ignore[misc]
         return "password"
 
     def check_auth_password(self, username: str, password: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
+        return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_channel_subsystem_request(self, channel: object, name: str) -> bool:
         if self.mode == "no_reply":

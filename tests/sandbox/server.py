@@ -448,6 +448,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
                     f"injected fault: HTTP {rule.status}",
                     headers,
                 )
+        return None
 
     def _drop_connection(self) -> None:
         self.close_connection = True

@@ -192,7 +192,7 @@ class _Auth(asyncssh.SSHServer):
 class QuirkyServer(asyncssh.SFTPServer):
     """asyncssh's chrooted SFTPServer plus the behaviour selected by ``config.quirk``."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, config: ServerConfig) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], config: ServerConfig) -> None:
         super().__init__(chan, chroot=str(config.root).encode())
         self._config = config
 
@@ -284,7 +284,7 @@ class QuirkyServer(asyncssh.SFTPServer):
             self._config.bytes_written += len(data)
         return super().write(file_obj, offset, data)  # type: ignore[return-value]
 
-    def _vfs(self, real: os.statvfs_result) -> object:
+    def _vfs(self, real: os.statvfs_result) -> os.statvfs_result | asyncssh.SFTPVFSAttrs:
         quirk = self._config.quirk
         if quirk == "disk_full_generic":
             total = self._config.disk_full_after
@@ -302,12 +302,12 @@ class QuirkyServer(asyncssh.SFTPServer):
             return vfs
         return real
 
-    def statvfs(self, path: bytes) -> object:
+    def statvfs(self, path: bytes) -> os.statvfs_result | asyncssh.SFTPVFSAttrs:
         if not self._config.statvfs:
             raise asyncssh.SFTPOpUnsupported("statvfs not supported")
         return self._vfs(os.statvfs(self._local(path)))
 
-    def fstatvfs(self, file_obj: object) -> object:
+    def fstatvfs(self, file_obj: object) -> os.statvfs_result | asyncssh.SFTPVFSAttrs:
         return self._vfs(os.statvfs(file_obj.fileno()))  # type: ignore[attr-defined]
 
     def remove(self, path: bytes) -> None:

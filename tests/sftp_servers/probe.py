@@ -60,8 +60,14 @@ class Vfs:
         return bool(self.flag & 0x1)  # SSH_FXE_STATVFS_ST_RDONLY
 
 
-class ProbeClient(paramiko.SFTPClient):  # type: ignore[misc]
+class ProbeClient(paramiko.SFTPClient):
     extensions: dict[str, bytes]
+
+    if TYPE_CHECKING:
+        # paramiko's packet layer, which types-paramiko leaves out as private.
+        def _send_packet(self, t: int, packet: paramiko.Message) -> None: ...
+        def _read_packet(self) -> tuple[int, bytes]: ...
+        def _request(self, t: int, *args: Any) -> tuple[int, paramiko.Message]: ...
 
     def _send_version(self) -> int:
         message = paramiko.Message()
@@ -86,7 +92,7 @@ class ProbeClient(paramiko.SFTPClient):  # type: ignore[misc]
         if code != FX_OK:
             raise SftpStatus(code, text)
 
-    def extended(self, name: str, *args: Any) -> Any:
+    def extended(self, name: str, *args: Any) -> paramiko.Message:
         """Send an extended request; returns paramiko's reply message (or raises)."""
         _kind, msg = self._request(CMD_EXTENDED, name, *args)
         return msg
@@ -138,7 +144,7 @@ def open_client(transport: paramiko.Transport) -> ProbeClient:
     client = ProbeClient.from_transport(transport)
     if client is None:
         raise paramiko.SSHException("the server refused an SFTP channel")
-    return client  # type: ignore[no-any-return]
+    return client
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +82,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _load_crypt() -> ctypes._CFuncPtr | None:
+def _load_crypt() -> Callable[[bytes, bytes], bytes | None] | None:
     # Python's crypt module is deprecated (gone in 3.13); ProFTPD itself links libcrypt,
     # so wherever ProFTPD runs, libcrypt's crypt(3) is there too.
     name = ctypes.util.find_library("crypt")
@@ -91,7 +91,7 @@ def _load_crypt() -> ctypes._CFuncPtr | None:
     func = ctypes.CDLL(name).crypt
     func.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     func.restype = ctypes.c_char_p
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 _crypt = _load_crypt()

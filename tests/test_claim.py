@@ -1435,3 +1435,16 @@ def test_a_key_echoed_in_reason_header_or_body_is_cut_everywhere(
         assert "attempt 1/5 failed" in caplog.text
     for text in seen:
         assert ECHOED not in text
+
+
+def test_every_connection_shares_one_tls_context() -> None:
+    """A connection per lane must not load the CA bundle once per lane (32 lanes: 32
+    copies in memory and as many loads of the bundle)."""
+    client = NuntiqClient("https://nuntiq.example/api", SecretStr("k"), max_connections=3)
+    try:
+        with client._lend() as a, client._lend() as b, client._lend() as c:
+            contexts = {id(http._transport._pool._ssl_context) for http in (a, b, c)}  # type: ignore[attr-defined]
+            assert len({id(http) for http in (a, b, c)}) == 3
+        assert len(contexts) == 1
+    finally:
+        client.close()

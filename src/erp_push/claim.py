@@ -275,16 +275,14 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-def _bounded_http_transport(base_url: str, limits: httpx.Limits) -> httpx.HTTPTransport:
+def _bounded_http_transport(
+    base_url: str, limits: httpx.Limits, tls: ssl.SSLContext | None
+) -> httpx.HTTPTransport:
     """httpx's own transport (with the proxy the environment names, as httpx would pick
-    it), its sockets behind ``_DeadlineBackend``."""
+    it), its sockets behind ``_DeadlineBackend``. ``tls`` is shared by every connection
+    (loading the CA bundle once, not once per connection); None for plain http."""
     http_transport = httpx.HTTPTransport(
-        limits=limits,
-        proxy=_environment_proxy(base_url),
-        # Every request goes to base_url, and plain http is only allowed on loopback
-        # (wire.base_url_problem): such a client never speaks TLS, so it skips loading
-        # the CA bundle (a third of an idle run's own time, and memory per connection).
-        verify=not base_url.startswith("http://"),
+        limits=limits, proxy=_environment_proxy(base_url), verify=tls or False
     )
     # httpx passes no network backend through to httpcore; its pool is where httpcore
     # keeps one. If a later httpx moves it, this fails loudly rather than run unbounded.
@@ -382,6 +380,7 @@ class NuntiqClient:
         # request, which with a connection per lane was a large share of a run's CPU.
         self._max_clients = max_connections
         self._http_transport = http_transport
+        self._tls: ssl.SSLContext | None = None
         self._spare: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
         self._clients: list[httpx.Client] = []
         self._clients_lock = threading.Lock()
@@ -404,11 +403,25 @@ class NuntiqClient:
             headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
             transport=self._http_transport
             or _bounded_http_transport(
-                self.base_url, httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                self.base_url,
+                httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                self._tls_context(),
             ),
         )
         self._clients.append(client)
         return client
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """One TLS context (httpx's own defaults) for all of this client's connections.
+
+        Plain http is only allowed on loopback (wire.base_url_problem): such a client
+        never speaks TLS and skips loading the CA bundle, a third of an idle run's time.
+        """
+        if self.base_url.startswith("http://"):
+            return None
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        return self._tls
 
     @contextmanager
     def _lend(self) -> Iterator[httpx.Client]:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -83,6 +84,24 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes | Non
 def final_files(server: SftpServerInfo) -> dict[str, bytes]:
     """Every file in outbox and sent/ under a final name (not a tmp file)."""
     return {p: b for p, b in server.files().items() if not p.endswith(".tmp")}
+
+
+def settled_files(server: SftpServerInfo) -> dict[str, bytes]:
+    """``final_files`` once the server has finished what a killed client sent it.
+
+    SIGKILL stops the client, not the server: a link request already on the wire may
+    still be carried out a moment later (the server reads it from its socket buffer).
+    Look until two looks a little apart agree, so "what landed before the crash" is
+    what the server really holds.
+    """
+    before = final_files(server)
+    for _ in range(50):
+        time.sleep(0.2)
+        now = final_files(server)
+        if now == before:
+            return now
+        before = now
+    return before
 
 
 def erp_tmp_files(server: SftpServerInfo) -> list[str]:
@@ -228,7 +247,7 @@ def test_a_second_machine_without_the_journal_finds_the_delivered_file(
     path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL})
 
     assert push_cli(path, kill_at=f"{step}@3").returncode == KILLED
-    on_server = set(final_files(server).values())
+    on_server = set(settled_files(server).values())
     unfinished = {t for t, s in sandbox.control.statuses().items() if s not in FINISHED}
     landed = {t for t in unfinished if expected[t] in on_server}  # unfinished, yet delivered
     if step != "tmp_written":

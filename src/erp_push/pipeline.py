@@ -331,8 +331,7 @@ class ServerHealth:
             self._unexplained_in_a_row = 0
 
     def refused(self, failure_code: FailureCode) -> None:
-        with self._lock:
-            self.refusing = self.refusing or f"the SFTP server refused writes ({failure_code})"
+        self.halt(f"the SFTP server refused writes ({failure_code})")
 
     def unexplained_failure(self, message: str) -> None:
         with self._lock:
@@ -481,12 +480,14 @@ class InvoiceWorker:
                     on_checkpoint=self.checkpoint,
                 )
 
-        for retry in range(PUBLISH_RETRIES + 1):
+        retries_left = PUBLISH_RETRIES
+        while True:
             try:
                 return attempt()
             except SftpUnreachable as exc:
-                if retry == PUBLISH_RETRIES:
+                if retries_left == 0:
                     raise
+                retries_left -= 1
                 log.warning(
                     "SFTP connection lost while publishing %s (%s); reconnecting",
                     file.file_name,
@@ -494,7 +495,6 @@ class InvoiceWorker:
                 )
                 if self._lease_too_short(lease):
                     raise LeaseLapsing("lease too close to expiry to retry the upload") from None
-        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _fail_alone(self, token: str, code: FailureCode, message: str) -> Outcome:
         self.journal.record_failed(token, code, truncate(message))

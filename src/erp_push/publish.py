@@ -103,14 +103,9 @@ class Drop:
         return (self.outbox,) if self.sent is None else (self.outbox, self.sent)
 
 
-def family_names(file_name: str) -> Iterator[str]:
-    """``X.csv``, ``X-2.csv``, ``X-3.csv``, ...: the names one invoice's file may carry."""
-    for i in range(MAX_CANDIDATES):
-        yield family_name(file_name, i)
-
-
 def family_name(file_name: str, i: int) -> str:
-    """The ``i``-th name of the family: ``X.csv`` for 0, ``X-2.csv`` for 1, ..."""
+    """The ``i``-th name one invoice's file may carry: ``X.csv`` for 0, ``X-2.csv`` for 1,
+    ... up to MAX_CANDIDATES names."""
     if i == 0:
         return file_name
     stem, ext = posixpath.splitext(file_name)
@@ -317,10 +312,14 @@ class _Publishing:
         self.traits = traits
         self.may_publish = may_publish
         self.checkpoint = on_checkpoint
-        self.tmp = posixpath.join(
-            drop.outbox, f"{file.file_name}.{secrets.token_hex(4)}.erp-push.tmp"
-        )
+        self.tmp = self._fresh_tmp_name()
         self.tmp_exists = False
+
+    def _fresh_tmp_name(self) -> str:
+        """``<name>.<8 hex>.erp-push.tmp`` in the outbox: unique per upload."""
+        return posixpath.join(
+            self.drop.outbox, f"{self.file.file_name}.{secrets.token_hex(4)}.erp-push.tmp"
+        )
 
     # --- rename mode --------------------------------------------------------------------
 
@@ -343,10 +342,7 @@ class _Publishing:
             delivery = self._move_into_place(found.today)
             self.checkpoint("published")
             return delivery
-        except SftpOperationError:
-            self._discard_tmp()
-            raise
-        except LeaseLapsing:
+        except (SftpOperationError, LeaseLapsing):
             self._discard_tmp()
             raise
 
@@ -469,9 +465,7 @@ class _Publishing:
         )
 
     def _upload_tmp(self) -> None:
-        self.tmp = posixpath.join(
-            self.drop.outbox, f"{self.file.file_name}.{secrets.token_hex(4)}.erp-push.tmp"
-        )
+        self.tmp = self._fresh_tmp_name()
         with self.session.exchange(f"creating {self.tmp}") as batch:
             created = batch.create(self.tmp)
         handle = self._created(created)
@@ -507,9 +501,10 @@ class _Publishing:
         found = _look(self.session, self.drop, self.file)
         if found.identical is not None:
             return Delivery(remote_path=found.identical, already_delivered=True)
+        looked_free = set(found.today.free())
         for name in self._candidates(found.today):
             final = posixpath.join(self.drop.outbox, name)
-            if name not in set(found.today.free()) and self._taken(name) is not None:
+            if name not in looked_free and self._taken(name) is not None:
                 continue
             self._check_lease()
             with self.session.exchange(f"creating {final}") as batch:

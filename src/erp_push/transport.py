@@ -801,15 +801,12 @@ class SftpSession:
         except RemoteFileMissing:
             return None
         chunks: list[bytes] = []
-        try:
-            with self.exchange(f"reading {path}") as batch:
-                reads = [
-                    batch.read(handle, offset, _WRITE_CHUNK, path)
-                    for offset in range(0, limit + 1, _WRITE_CHUNK)
-                ]
-                batch.close(handle, path)
-        except SftpUnreachable:
-            raise
+        with self.exchange(f"reading {path}") as batch:
+            reads = [
+                batch.read(handle, offset, _WRITE_CHUNK, path)
+                for offset in range(0, limit + 1, _WRITE_CHUNK)
+            ]
+            batch.close(handle, path)
         for reply in reads:
             if reply.error is not None:
                 if reply.error.sftp_code == Status.EOF:

@@ -37,8 +37,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tests.sandbox.control import SandboxControl
+from tests.sandbox.process import SandboxDidNotStart, sandbox_process, stop
 from tests.sftp_servers.fixtures import SftpServerInfo, run_openssh
 
 API_KEY = "bench-" + secrets.token_hex(8)
@@ -313,35 +315,14 @@ class Rig:
 
     @contextlib.contextmanager
     def _sandbox(self) -> Iterator[subprocess.Popen[str]]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.sandbox",
-                "--port",
-                "0",
-                "--api-key",
-                API_KEY,
-                "--db",
-                str(self.workdir / "nuntiq.sqlite3"),
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=self.env,
-            cwd=ROOT,
-        )
+        db = self.workdir / "nuntiq.sqlite3"
         try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if "Nuntiq sandbox at " not in line:
-                raise RigError(f"the sandbox did not start: {line.strip()!r}")
-            self.base_url = line.split("Nuntiq sandbox at ", 1)[1].split()[0]
-            self.http_port = int(self.base_url.split(":")[2].split("/")[0])
-            yield proc
-        finally:
-            _stop(proc)
+            with sandbox_process(db, API_KEY, env=self.env) as (base_url, proc):
+                self.base_url = base_url
+                self.http_port = int(urlsplit(base_url).port or 0)
+                yield proc
+        except SandboxDidNotStart as exc:
+            raise RigError(str(exc)) from None
 
     def route(self, delay_ms: float | None) -> _Route:
         """Ports (and a known_hosts for that port) that reach the servers with a delay."""
@@ -365,7 +346,7 @@ class Rig:
                 env=self.env,
                 cwd=ROOT,
             )
-            self._stack.callback(_stop, proc)
+            self._stack.callback(stop, proc)
             assert proc.stdout is not None
             words = proc.stdout.readline().split()
             if words[:1] != ["ready"]:
@@ -605,14 +586,3 @@ class Rig:
 
     def reset_sandbox(self) -> None:
         self.control.reset()
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()

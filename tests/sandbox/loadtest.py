@@ -28,10 +28,8 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.sandbox.process import sandbox_process
 
 CLIENT = "http.client.HTTPConnection per thread, keep-alive, TCP_NODELAY"
 API_KEY = "loadtest-key"
@@ -310,49 +310,8 @@ def _server(mode: str, url: str | None, api_key: str) -> Iterator[tuple[str, int
             with SandboxServer(db, api_key=api_key) as server:
                 yield server.base_url, None
             return
-        # The child imports the same tests package as this process, whatever the cwd.
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (root, env.get("PYTHONPATH", "")) if p
-        )  # fmt: skip
-        log = Path(tmp, "sandbox.log")
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.sandbox",
-                    "--port",
-                    "0",
-                    "--api-key",
-                    api_key,
-                    "--db",
-                    db,
-                    "--quiet",
-                ],  # fmt: skip
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                env=env,
-                text=True,
-            )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            match = re.search(r"http://\S+/api", line)
-            if not match:
-                proc.wait(timeout=10)
-                raise RuntimeError(f"sandbox did not start: {line!r} {log.read_text()!r}")
-            yield match.group(0), proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        with sandbox_process(db, api_key, log=Path(tmp, "sandbox.log")) as (base_url, proc):
+            yield base_url, proc.pid
 
 
 def run_loadtest(

@@ -180,3 +180,23 @@ def test_cleanup_exits_1_when_a_file_could_not_be_removed() -> None:
             "error": "denied",
         }
     ]
+
+
+def test_the_json_report_written_in_pieces_is_the_whole_document() -> None:
+    """A long drain writes its report an invoice at a time (its memory stays flat in N):
+    the pieces make exactly the one-line document ``to_dict`` describes."""
+    report = RunReport("push", claimed=3)
+    report.add(Outcome("tok-1", Result.DELIVERED, "INV-1", "/outbox/a.csv"))
+    report.add(Outcome("tok-2", Result.FAILED, "Gr\u00f6\u00dfe\x7f", None, "RENDER_FAILED", "bad"))
+    report.add(Outcome("tok-3", Result.PENDING, None, message="lease too close to expiry"))
+    report.notes.append("a note")
+    report.finish()
+
+    chunks = list(report.json_chunks())
+
+    assert len(chunks) > 3  # really in pieces, not one string
+    text = "".join(chunks)
+    assert "\n" not in text and "\x7f" not in text
+    assert json.loads(text) == json.loads(json.dumps(report.to_dict()))
+    assert json.loads(text)["invoices"][1]["invoice_number"] == "Gr\u00f6\u00dfe\x7f"
+    assert json.loads("".join(RunReport("push").json_chunks()))["invoices"] == []

@@ -183,7 +183,10 @@ class _Stderr:
 def _show_and_exit(report: CommandReport, *, as_json: bool) -> NoReturn:
     """Show a command's report (JSON on stdout, or for people on stderr), then exit."""
     if as_json:
-        typer.echo(report.to_json())
+        for chunk in report.json_chunks():
+            sys.stdout.write(chunk)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         report.show(_Stderr())
     if report.error is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +24,8 @@ from erp_push.models import DELIVERED_MESSAGE, IntegrationResult
 from erp_push.text import json_safe, printable
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from rich.console import Console
 
     from erp_push.transport import RemoteFile
@@ -60,9 +62,15 @@ class CommandReport(ABC):
     def show(self, screen: Screen) -> None: ...
 
     def to_json(self) -> str:
-        # One line: cron appends each run's report to a JSON Lines log. json_safe: a
-        # server's control characters stay escaped even for `| less -R` or a terminal.
-        return json_safe(json.dumps(self.to_dict(), ensure_ascii=False))
+        return "".join(self.json_chunks())
+
+    def json_chunks(self) -> Iterator[str]:
+        """``to_json()`` in pieces, for writing as they are made.
+
+        One line: cron appends each run's report to a JSON Lines log. json_safe: a
+        server's control characters stay escaped even for `| less -R` or a terminal.
+        """
+        yield _json_text(self.to_dict())
 
 
 class Result(StrEnum):
@@ -146,6 +154,20 @@ class RunReport(CommandReport):
     # --- output ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        return {**self._head(), "invoices": [_outcome_dict(o) for o in self.outcomes]}
+
+    def json_chunks(self) -> Iterator[str]:
+        # A drain of many thousand invoices would otherwise hold every invoice's dict and
+        # the whole document at once at its very end: its peak memory would grow with N.
+        # The same text as to_dict's, written an invoice at a time ("invoices" is last).
+        head = _json_text(self._head())
+        yield head[:-1] + ', "invoices": ['  # the head is never empty: '{..., '
+
+        for i, outcome in enumerate(self.outcomes):
+            yield (", " if i else "") + _json_text(_outcome_dict(outcome))
+        yield "]}"
+
+    def _head(self) -> dict[str, Any]:
         return {
             "command": self.command,
             "started_at": _iso(self.started_at),
@@ -156,10 +178,6 @@ class RunReport(CommandReport):
             "counts": {r.value: self.count(r) for r in Result},
             "error": _error_dict(self.error),
             "notes": self.notes,
-            "invoices": [
-                {k: (v.value if isinstance(v, Result) else v) for k, v in asdict(o).items()}
-                for o in self.outcomes
-            ],
         }
 
     def show(self, screen: Screen) -> None:
@@ -219,6 +237,20 @@ class RunReport(CommandReport):
         if self.recovered:
             parts.append(f"{self.recovered} recovered from an earlier run")
         return f"{self.claimed} claimed: " + ", ".join(parts)
+
+
+def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    # Not dataclasses.asdict: it deep-copies every value, for nothing here.
+    row = {name: getattr(outcome, name) for name in _OUTCOME_FIELDS}
+    row["result"] = outcome.result.value
+    return row
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
+
+
+def _json_text(document: dict[str, Any]) -> str:
+    return json_safe(json.dumps(document, ensure_ascii=False))
 
 
 def _iso(value: datetime) -> str:

@@ -135,7 +135,9 @@ def test_vendor_address_type_comes_from_the_keys() -> None:
     addresses = [{"address_type": "remit_to", "address_name": "Remit Ltd"}]
     keys = replace(KEYS, vendor_address_type="remit_to")
 
-    body = render_invoice(nuntiq_invoice(fields, addresses=addresses), keys=keys, rules=RULES, today=TODAY)
+    body = render_invoice(
+        nuntiq_invoice(fields, addresses=addresses), keys=keys, rules=RULES, today=TODAY
+    )
 
     assert b"\tRemit Ltd\t" in body.body
 

@@ -252,14 +252,18 @@ _HASH_HEX = 8
 def file_name_for(invoice_number: str, today: date, *, charset: FileNameCharset) -> str:
     """``<safe number>-<YYYYMMDD>.csv``, at most MAX_FILE_NAME_BYTES bytes of UTF-8.
 
-    ``unicode`` (the seed's rule): the number is NFC-normalised, so é sent precomposed or
-    as e + ◌́ gives one name; letters and digits of any script (``str.isalnum``) are kept
-    with the combining marks that follow them, as are '-' and '_'; everything else
-    becomes '_'. So '../etc/passwd' is '___etc_passwd' and can never leave the outbox,
-    and no name holds a separator, a control or format character, or a letter that is
-    drawn as nothing. ``ascii``: only ASCII letters and digits, '-' and '_' are kept, for
-    servers that store names in a code page and mangle the rest; the number is not
-    normalised, so these are exactly the names erp-push gave before it had the setting. Either way the number itself is in the file, unchanged.
+    ``unicode`` (the seed's rule, so 'Größe-7' stays readable): the number is
+    NFC-normalised, so é sent precomposed or as e + ◌́ gives one name, and a later run
+    (or another machine) looks up exactly the name an earlier one wrote. Letters and
+    digits of any script (``str.isalnum``) are kept with the combining marks that follow
+    them, as are '-' and '_'; everything else becomes '_'. So '../etc/passwd' is
+    '___etc_passwd' and can never leave the outbox, and no name holds a separator, a
+    control or format character, or a letter that is drawn as nothing.
+
+    ``ascii``, for servers that store names in a code page and mangle the rest: only
+    ASCII letters and digits, '-' and '_' are kept. The number is not normalised, so
+    these are exactly the names erp-push gave before it had the setting. Either way the
+    number itself is in the file, unchanged.
 
     A number too long for the bound is cut between characters (never inside one, nor
     between a letter and its accents) and gets '_' + 8 hex of its sha256, so two long

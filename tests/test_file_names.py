@@ -260,6 +260,51 @@ def test_a_long_multibyte_name_is_published(server: SftpServerInfo) -> None:
     assert server.read(delivery.remote_path) == file.body
 
 
+def test_the_other_charset_name_is_carried_only_where_it_differs() -> None:
+    assert rendered("INV-2024-0042").other_name is None
+    assert rendered("Größe-7").other_name == "Gr__e-7" + SUFFIX
+    in_ascii = render(nuntiq_invoice({**NORMAL, "invoiceNumber": "Größe-7"}), ASCII)
+    assert in_ascii.other_name == "Größe-7" + SUFFIX
+
+
+@pytest.mark.parametrize("where", ["outbox", "sent"])
+def test_a_file_published_under_the_ascii_name_counts_as_delivered(
+    server: SftpServerInfo, where: str
+) -> None:
+    # A run before the upgrade (or with file_name_charset ascii) published it yesterday,
+    # then lost its journal: the Unicode name must not deliver it a second time.
+    file = rendered("Größe-7")
+    folder = server.outbox if where == "outbox" else server.sent
+    earlier = f"{folder}/Gr__e-7-20240304.csv"
+    server.write(earlier, file.body)
+
+    delivery = publish_to(server, file)
+
+    assert delivery == Delivery(remote_path=earlier, already_delivered=True)
+    assert list(server.files()) == [earlier]
+
+
+def test_a_file_published_under_the_unicode_name_counts_in_ascii_mode(
+    server: SftpServerInfo,
+) -> None:
+    file = render(nuntiq_invoice({**NORMAL, "invoiceNumber": "Größe-7"}), ASCII)
+    server.write(f"{server.outbox}/Größe-7{SUFFIX}", file.body)
+
+    assert publish_to(server, file).already_delivered
+
+
+def test_another_file_under_the_ascii_name_does_not_take_the_unicode_name(
+    server: SftpServerInfo,
+) -> None:
+    server.write(f"{server.outbox}/Gr__e-7{SUFFIX}", b"another invoice, Gr!!e-7")
+
+    delivery = publish_to(server, rendered("Größe-7"))
+
+    assert delivery == Delivery(
+        remote_path=f"{server.outbox}/Größe-7{SUFFIX}", already_delivered=False
+    )
+
+
 Factory = Callable[..., SftpServerInfo]
 
 
@@ -319,6 +364,24 @@ def test_push_delivers_a_non_ascii_invoice_and_a_second_machine_finds_it(
     assert sandbox.control.invoice(token)["external_id_1"] == path
     assert info.files() == before
     info.clear()
+
+
+def test_an_upgrade_from_ascii_names_never_delivers_twice(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    (token,) = sandbox.control.seed(1)
+    set_invoice_fields(sandbox.server.db_path, token, invoiceNumber="Größe-7")
+    push(make_settings(asyncssh_sftp, config={"file_name_charset": "ascii"}))
+    path = f"{asyncssh_sftp.outbox}/Gr__e-7{today_suffix()}"
+    assert list(asyncssh_sftp.files()) == [path]
+
+    # Re-queued, and pushed by a run with the new default and without that journal.
+    sandbox.control.set_status(token, 90)
+    report = push(make_settings(asyncssh_sftp, config={"state_dir": str(tmp_path / "new")}))
+
+    assert [o.result for o in report.outcomes] == [Result.ALREADY_DELIVERED]
+    assert sandbox.control.invoice(token)["external_id_1"] == path
+    assert list(asyncssh_sftp.files()) == [path]
 
 
 def test_push_in_ascii_mode_gives_the_old_name(

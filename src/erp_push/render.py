@@ -82,6 +82,9 @@ class RenderedFile:
     body: bytes  # exact bytes to upload
     invoice_number: str  # as written in the file (trimmed)
     sha256: str  # hex digest of body
+    # The name the other file_name_charset gives, where it differs: a run before the
+    # setting changed (or before erp-push had it) may have published the file under it.
+    other_name: str | None = None
 
 
 def render_invoice(
@@ -115,11 +118,15 @@ def render_invoice(
         for column, value in row.items():
             _guard_formula(value, column)
     body = _tsv_bytes([list(HEADER), [row[column] for column in HEADER]])
+    name = file_name_for(number, today, charset=rules.file_name_charset)
+    other = "ascii" if rules.file_name_charset == "unicode" else "unicode"
+    other_name = file_name_for(number, today, charset=other)
     return RenderedFile(
-        file_name=file_name_for(number, today, charset=rules.file_name_charset),
+        file_name=name,
         body=body,
         invoice_number=number,
         sha256=hashlib.sha256(body).hexdigest(),
+        other_name=None if other_name == name else other_name,
     )
 
 

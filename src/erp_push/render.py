@@ -119,7 +119,7 @@ def render_invoice(
             _guard_formula(value, column)
     body = _tsv_bytes([list(HEADER), [row[column] for column in HEADER]])
     name = file_name_for(number, today, charset=rules.file_name_charset)
-    other = "ascii" if rules.file_name_charset == "unicode" else "unicode"
+    other: FileNameCharset = "ascii" if rules.file_name_charset == "unicode" else "unicode"
     other_name = file_name_for(number, today, charset=other)
     return RenderedFile(
         file_name=name,

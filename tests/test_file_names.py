@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import unicodedata
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,21 @@ def test_another_file_under_the_ascii_name_does_not_take_the_unicode_name(
     assert delivery == Delivery(
         remote_path=f"{server.outbox}/Größe-7{SUFFIX}", already_delivered=False
     )
+
+
+def test_cleanup_tmp_removes_a_stale_tmp_with_a_non_ascii_name(
+    server: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    stale = f"{server.outbox}/Größe-7{SUFFIX}.0123abcd.erp-push.tmp"
+    server.write(stale, b"half a file")
+    an_hour_ago = time.time() - 3600
+    os.utime(server.local(stale), (an_hour_ago, an_hour_ago))
+    settings = load_settings(make_settings(server), needs={Need.SFTP})
+
+    report = commands.cleanup_tmp(settings, older_than=timedelta(minutes=10))
+
+    assert [f.path for f in report.removed] == [stale]
+    assert server.files() == {}
 
 
 Factory = Callable[..., SftpServerInfo]

@@ -229,3 +229,27 @@ def test_with_the_guard_off_the_value_is_delivered_as_sent(
     # The name never carries the payload's punctuation; the file holds it unchanged.
     assert row["external_id_1"] == f"{asyncssh_sftp.outbox}/_cmd____C_calc__A0-{day}.csv"
     assert f"\n{PAYLOAD}\t".encode() in asyncssh_sftp.read(row["external_id_1"])
+
+
+@pytest.mark.parametrize("guard", ["reject", "off"])
+def test_the_sandbox_awkward_formula_invoice(
+    guard: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    # Its supplier column starts with + or = (a supplierCode "+SUP-0001", or the vendor
+    # name "=Acme ..." standing in for it). Delivered before the guard existed; now it
+    # fails alone unless the guard is off. The other awkward cases are unchanged.
+    sandbox.control.seed(12, awkward=True)
+
+    push(make_settings(asyncssh_sftp, config={"formula_guard": guard}), drain=True)
+
+    rows = {r["seed_case"]: r for r in sandbox.control.invoices()}
+    formula = rows["space_number_formula_values"]
+    if guard == "reject":
+        assert formula["status"] == 97
+        assert formula["failure_code"] == "RENDER_UNSAFE_VALUE"
+        assert "column supplier_code starts with" in formula["failure_message"]
+    else:
+        assert formula["status"] == 100
+    failed = {case for case, row in rows.items() if row["status"] == 97}
+    expected = {"slash_number_tab_value", "missing_number"}
+    assert failed == (expected | {"space_number_formula_values"} if guard == "reject" else expected)

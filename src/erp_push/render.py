@@ -234,7 +234,8 @@ def _guard_formula(value: str, column: str) -> None:
     kind = "is not a number and starts with" if column in NUMERIC_COLUMNS else "starts with"
     raise RenderError(
         f"column {column} {kind} {printable(repr(value[0]))}, which a spreadsheet would run "
-        f"as a formula: {printable(shorten(value, _SHOWN_CHARS))} (config.formula_guard)",
+        f"as a formula: {printable(shorten(value, _SHOWN_CHARS))} "
+        "(refused by config.formula_guard)",
         failure_code=FailureCode.RENDER_UNSAFE_VALUE,
     )
 

@@ -152,7 +152,9 @@ def main() -> None:
             )
             # The ERP already picked up an unrelated file with the name one invoice wants:
             # erp-push must not clobber it, and gives the new file a suffix instead.
-            taken = file_name_for(invoices[3]["invoice_number"], datetime.now(UTC).date())
+            taken = file_name_for(
+                invoices[3]["invoice_number"], datetime.now(UTC).date(), charset="unicode"
+            )
             (DEMO / "sftp/outbox/sent" / taken).write_bytes(b"an older file the ERP processed\n")
             console.print(f"Pre-existing file in sent/: [bold]{taken}[/bold]")
 

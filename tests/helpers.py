@@ -35,3 +35,26 @@ def run_cli(
 def push(path: Path, **kwargs: Any) -> RunReport:
     """``commands.push`` with the settings file at ``path``, as the CLI would load it."""
     return commands.push(load_settings(path, needs=PUSH_NEEDS), **kwargs)
+
+
+def set_invoice_fields(db_path: str, invoice_token: str, **values: Any) -> None:
+    """Give a sandbox invoice these header field values (key → value), behind the
+    sandbox's back: its seed makes only generated numbers, and a test needs exact ones."""
+    import json
+    import sqlite3
+
+    with sqlite3.connect(db_path) as db:
+        (raw,) = db.execute(
+            "SELECT doc FROM invoices WHERE invoice_token = ?", (invoice_token,)
+        ).fetchone()
+        doc = json.loads(raw)
+        fields = {f["key"]: f for f in doc["fields"]}
+        for key, value in values.items():
+            if key in fields:
+                fields[key]["value"] = value
+            else:
+                doc["fields"].append({"key": key, "label": key, "value": value})
+        db.execute(
+            "UPDATE invoices SET doc = ? WHERE invoice_token = ?", (json.dumps(doc), invoice_token)
+        )
+    db.close()

@@ -75,7 +75,9 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes | Non
         for token in tokens:
             try:
                 invoice = client.get_invoice(token).invoice
-                out[token] = render_invoice(invoice, keys=Config().field_keys(), today=today).body
+                out[token] = render_invoice(
+                    invoice, keys=Config().field_keys(), rules=Config().render_rules(), today=today
+                ).body
             except RenderError:
                 out[token] = None
     return out

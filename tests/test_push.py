@@ -34,7 +34,10 @@ def expected_files(sandbox: Sandbox, tokens: list[str]) -> dict[str, bytes]:
     with NuntiqClient(sandbox.base_url, _secret(sandbox.api_key)) as client:
         for token in tokens:
             rendered = render_invoice(
-                client.get_invoice(token).invoice, keys=Config().field_keys(), today=today
+                client.get_invoice(token).invoice,
+                keys=Config().field_keys(),
+                rules=Config().render_rules(),
+                today=today,
             )
             out[token] = rendered.body
     return out

@@ -20,7 +20,9 @@ from erp_push.errors import FailureCode, RenderError
 from erp_push.models import Invoice, InvoiceField
 from erp_push.render import (
     MAX_FILE_NAME_BYTES,
+    FileNameCharset,
     RenderedFile,
+    RenderRules,
     file_name_for,
     render_invoice,
 )
@@ -29,6 +31,9 @@ from erp_push.settings import Config
 GOLDEN = Path(__file__).parent / "golden"
 TODAY = date(2024, 3, 5)
 KEYS = Config().field_keys()  # the default template keys
+RULES = Config().render_rules()  # the default rules: formula guard on, Unicode names
+OFF = replace(RULES, formula_guard="off")
+ASCII = replace(RULES, file_name_charset="ascii")
 
 
 def nuntiq_invoice(
@@ -62,8 +67,8 @@ def nuntiq_invoice(
     return Invoice.model_validate(payload)
 
 
-def render(invoice: Invoice) -> RenderedFile:
-    return render_invoice(invoice, keys=KEYS, today=TODAY)
+def render(invoice: Invoice, rules: RenderRules = RULES) -> RenderedFile:
+    return render_invoice(invoice, keys=KEYS, rules=rules, today=TODAY)
 
 
 def assert_golden(name: str, body: bytes) -> None:
@@ -130,7 +135,9 @@ def test_vendor_address_type_comes_from_the_keys() -> None:
     addresses = [{"address_type": "remit_to", "address_name": "Remit Ltd"}]
     keys = replace(KEYS, vendor_address_type="remit_to")
 
-    body = render_invoice(nuntiq_invoice(fields, addresses=addresses), keys=keys, today=TODAY)
+    body = render_invoice(
+        nuntiq_invoice(fields, addresses=addresses), keys=keys, rules=RULES, today=TODAY
+    )
 
     assert b"\tRemit Ltd\t" in body.body
 
@@ -173,7 +180,7 @@ def test_money_text(value: Any, text: str) -> None:
     assert f"\tEUR\t{text}\tACME-001\t".encode() in render(invoice).body
 
 
-def test_non_ascii_values_are_utf8_and_the_name_is_ascii() -> None:
+def test_non_ascii_values_are_utf8_and_the_name_keeps_letters() -> None:
     invoice = nuntiq_invoice(
         {
             "invoiceNumber": "RÉF-2024/ü7",
@@ -187,8 +194,11 @@ def test_non_ascii_values_are_utf8_and_the_name_is_ascii() -> None:
     rendered = render(invoice)
 
     assert_golden("non_ascii.tsv", rendered.body)
-    assert rendered.file_name == "R_F-2024__7-20240305.csv"
+    assert rendered.file_name == "RÉF-2024_ü7-20240305.csv"
     assert rendered.invoice_number == "RÉF-2024/ü7"
+    in_ascii = render(invoice, ASCII)
+    assert in_ascii.body == rendered.body
+    assert in_ascii.file_name == "R_F-2024__7-20240305.csv"  # the names of before the setting
 
 
 def test_300_lines() -> None:
@@ -198,7 +208,7 @@ def test_300_lines() -> None:
     assert rendered.body.endswith(b"\t300\n")
 
 
-def test_values_starting_with_formula_characters_are_preserved() -> None:
+def test_values_starting_with_formula_characters_are_preserved_with_the_guard_off() -> None:
     invoice = nuntiq_invoice(
         {
             "invoiceNumber": "=INV+1",
@@ -209,7 +219,7 @@ def test_values_starting_with_formula_characters_are_preserved() -> None:
         }
     )
 
-    rendered = render(invoice)
+    rendered = render(invoice, OFF)
 
     assert_golden("formula_prefixes.tsv", rendered.body)
     assert b'=INV+1\t@2024-03-01\t+EUR\t-12.50\t=HYPERLINK("x")\t1\n' in rendered.body
@@ -245,7 +255,7 @@ def test_template_keys_come_from_the_keys() -> None:
     keys = replace(KEYS, invoice_number="docNo", total="amountGross")
     invoice = nuntiq_invoice({"docNo": "D-9", "amountGross": 5})
 
-    rendered = render_invoice(invoice, keys=keys, today=TODAY)
+    rendered = render_invoice(invoice, keys=keys, rules=RULES, today=TODAY)
 
     assert rendered.body.endswith(b"\nD-9\t\t\t5\t\t1\n")
     assert rendered.file_name == "D-9-20240305.csv"
@@ -262,8 +272,8 @@ def test_rendering_is_deterministic() -> None:
 def test_another_day_changes_only_the_name() -> None:
     invoice = nuntiq_invoice(NORMAL)
 
-    today = render_invoice(invoice, keys=KEYS, today=TODAY)
-    tomorrow = render_invoice(invoice, keys=KEYS, today=date(2024, 3, 6))
+    today = render_invoice(invoice, keys=KEYS, rules=RULES, today=TODAY)
+    tomorrow = render_invoice(invoice, keys=KEYS, rules=RULES, today=date(2024, 3, 6))
 
     assert today.body == tomorrow.body
     assert tomorrow.file_name == "INV-2024-0042-20240306.csv"
@@ -284,8 +294,9 @@ def test_another_day_changes_only_the_name() -> None:
         ("under_score-dash", "under_score-dash-20240305.csv"),
     ],
 )
-def test_file_name_is_sanitised(number: str, name: str) -> None:
-    assert file_name_for(number, TODAY) == name
+@pytest.mark.parametrize("charset", ["unicode", "ascii"])
+def test_file_name_is_sanitised(number: str, name: str, charset: FileNameCharset) -> None:
+    assert file_name_for(number, TODAY, charset=charset) == name
 
 
 def test_path_traversal_never_leaves_the_folder() -> None:
@@ -301,7 +312,7 @@ def test_path_traversal_never_leaves_the_folder() -> None:
 def test_long_number_is_cut_with_a_hash_and_stays_within_the_bound() -> None:
     number = "INV-" + "7" * 400
 
-    name = file_name_for(number, TODAY)
+    name = file_name_for(number, TODAY, charset="unicode")
 
     assert len(name.encode("utf-8")) == MAX_FILE_NAME_BYTES
     stem = name.removesuffix("-20240305.csv")
@@ -314,15 +325,15 @@ def test_long_number_is_cut_with_a_hash_and_stays_within_the_bound() -> None:
 def test_long_numbers_sharing_a_prefix_get_different_names() -> None:
     prefix = "X" * 300
 
-    first = file_name_for(prefix + "-A", TODAY)
-    second = file_name_for(prefix + "-B", TODAY)
+    first = file_name_for(prefix + "-A", TODAY, charset="unicode")
+    second = file_name_for(prefix + "-B", TODAY, charset="unicode")
 
     assert first != second
     assert len(first) == len(second) == MAX_FILE_NAME_BYTES
 
 
-def test_long_non_ascii_number_is_bounded_in_bytes() -> None:
-    name = file_name_for("Ü" * 300, TODAY)
+def test_long_non_ascii_number_is_bounded_in_bytes_in_ascii() -> None:
+    name = file_name_for("Ü" * 300, TODAY, charset="ascii")
 
     assert len(name.encode("utf-8")) <= MAX_FILE_NAME_BYTES
     assert name.isascii()
@@ -331,7 +342,7 @@ def test_long_non_ascii_number_is_bounded_in_bytes() -> None:
 def test_number_at_the_bound_is_not_hashed() -> None:
     number = "N" * (MAX_FILE_NAME_BYTES - len("-20240305.csv"))
 
-    assert file_name_for(number, TODAY) == number + "-20240305.csv"
+    assert file_name_for(number, TODAY, charset="unicode") == number + "-20240305.csv"
 
 
 def test_a_long_invoice_renders_with_a_bounded_name() -> None:

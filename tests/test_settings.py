@@ -651,7 +651,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
     from pydantic import SecretStr
 
     from erp_push.pipeline import PushPlan
-    from erp_push.render import FieldKeys
+    from erp_push.render import FieldKeys, RenderRules
     from erp_push.transport import SftpOptions
 
     (tmp_path / "id_ed25519").write_text("key")
@@ -678,6 +678,8 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         field_total="sum",
         field_supplier_code="vendorNo",
         vendor_address_type="remit_to",
+        formula_guard="off",
+        file_name_charset="ascii",
     )
     settings = load_settings(write(tmp_path, data), needs=ALL_NEEDS)
     keys = FieldKeys(
@@ -690,6 +692,8 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
     )
 
     assert settings.config.field_keys() == keys
+    rules = RenderRules(formula_guard="off", file_name_charset="ascii")
+    assert settings.config.render_rules() == rules
     assert settings.nuntiq_client_options() == {
         "base_url": "https://api.apreceiving.com/api",
         "api_key": SecretStr(API_KEY),
@@ -724,6 +728,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         max_invoices=40,
         max_run_seconds=99,
         publish_mode="direct",
+        render_rules=rules,
     )
 
 
@@ -732,10 +737,10 @@ def test_the_core_objects_state_no_defaults_of_their_own() -> None:
     from dataclasses import MISSING, fields
 
     from erp_push.pipeline import PushPlan
-    from erp_push.render import FieldKeys
+    from erp_push.render import FieldKeys, RenderRules
     from erp_push.transport import SftpOptions
 
-    for cls in (SftpOptions, FieldKeys, PushPlan):
+    for cls in (SftpOptions, FieldKeys, PushPlan, RenderRules):
         for f in fields(cls):
             # None only for what may be absent: a login method or host-key check not used.
             assert f.default in (MISSING, None), f"{cls.__name__}.{f.name} = {f.default!r}"

@@ -124,6 +124,7 @@ def dry_run(
     """
     client = nuntiq or nuntiq_client(settings)
     keys = settings.config.field_keys()
+    rules = settings.config.render_rules()
     folders = settings.remote_folders()
     today = today or datetime.now(UTC).date()
     report = DryRunReport(lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS)
@@ -139,7 +140,7 @@ def dry_run(
                 rendered.append(
                     (
                         lease.invoice_token,
-                        render_invoice(invoice, keys=keys, today=today),
+                        render_invoice(invoice, keys=keys, rules=rules, today=today),
                     )
                 )
             except RenderError as exc:
@@ -196,7 +197,10 @@ def render_one(
     try:
         invoice = client.get_invoice(invoice_token).invoice
         return render_invoice(
-            invoice, keys=settings.config.field_keys(), today=today or datetime.now(UTC).date()
+            invoice,
+            keys=settings.config.field_keys(),
+            rules=settings.config.render_rules(),
+            today=today or datetime.now(UTC).date(),
         )
     finally:
         if nuntiq is None:

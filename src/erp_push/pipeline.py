@@ -51,7 +51,7 @@ from erp_push.errors import (
 )
 from erp_push.journal import Entry, Journal, Step
 from erp_push.models import Lease
-from erp_push.render import FieldKeys, RenderedFile, render_invoice
+from erp_push.render import FieldKeys, RenderedFile, RenderRules, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
@@ -111,6 +111,7 @@ class PushPlan:
     max_invoices: int | None
     max_run_seconds: float
     publish_mode: Literal["rename", "direct"]
+    render_rules: RenderRules
 
 
 class RunStopped(Exception):
@@ -396,7 +397,12 @@ class InvoiceWorker:
             return self._fail_alone(token, exc.failure_code, str(exc))
         self.checkpoint("fetched")
         try:
-            file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
+            file = render_invoice(
+                detail.invoice,
+                keys=self.plan.field_keys,
+                rules=self.plan.render_rules,
+                today=self.today,
+            )
         except RenderError as exc:
             return self._fail_alone(token, exc.failure_code, str(exc))
         except Exception as exc:

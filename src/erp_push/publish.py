@@ -189,9 +189,13 @@ def _look(
 
     The first wave asks for each day's first name in every folder (and ``also`` adds the
     caller's own operations to it, e.g. creating the tmp file); only a family whose
-    first name is taken costs more waves. Nothing is listed.
+    first name is taken costs more waves. Nothing is listed. The names of the other
+    file_name_charset are looked at too (only for numbers where they differ), so that
+    changing the setting, or upgrading from before it, never delivers a file twice.
     """
     families = [_Family(name) for name in day_names(file.file_name)]
+    if file.other_name is not None:
+        families += [_Family(name) for name in day_names(file.other_name)]
     first_wave = True
     compared: set[str] = set()
     while True:

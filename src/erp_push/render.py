@@ -9,8 +9,9 @@ and one data row::
 Values are written as Nuntiq sent them (trimmed); nothing is quoted or escaped. Anything
 that would need escaping (tab, CR, LF, other control characters) fails the invoice with
 RENDER_UNSAFE_VALUE instead, because the ERP's reader is plain TSV and would split or
-shift columns. Same invoice and same ``today`` → same bytes, so a re-delivered file can
-be recognised by its sha256.
+shift columns. So does, unless ``formula_guard`` is off, a text value a spreadsheet would
+run as a formula (see ``_guard_formula``). Same invoice, same rules and same ``today`` →
+same bytes, so a re-delivered file can be recognised by its sha256.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import csv
 import hashlib
 import io
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from erp_push.errors import FailureCode, RenderError
 from erp_push.models import Invoice, number_text
+from erp_push.text import printable, shorten
 
 HEADER = ("invoice_number", "date", "currency", "total", "supplier_code", "line_count")
 BOM = "\ufeff"  # the ERP's finance users open these files in Excel, which needs it for UTF-8
@@ -60,15 +63,33 @@ class FieldKeys:
     vendor_address_type: str  # the address whose address_name is the supplier fallback
 
 
+FormulaGuard = Literal["reject", "off"]
+FileNameCharset = Literal["unicode", "ascii"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderRules:
+    """How values and the file name are written; built by ``settings.Config.render_rules()``,
+    which owns their defaults."""
+
+    formula_guard: FormulaGuard  # reject: a value a spreadsheet would run fails the invoice
+    file_name_charset: FileNameCharset  # unicode: letters and digits of any script kept
+
+
 @dataclass(frozen=True)
 class RenderedFile:
     file_name: str  # "<safe number>-<YYYYMMDD>.csv"
     body: bytes  # exact bytes to upload
     invoice_number: str  # as written in the file (trimmed)
     sha256: str  # hex digest of body
+    # The name the other file_name_charset gives, where it differs: a run before the
+    # setting changed (or before erp-push had it) may have published the file under it.
+    other_name: str | None = None
 
 
-def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> RenderedFile:
+def render_invoice(
+    invoice: Invoice, *, keys: FieldKeys, rules: RenderRules, today: date
+) -> RenderedFile:
     """Render one invoice. ``today`` is the UTC date of the push (it is in the file name).
 
     Raises RenderError (RENDER_MISSING_FIELD, RENDER_UNSAFE_VALUE, RENDER_INVALID_VALUE);
@@ -93,12 +114,19 @@ def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> Rendere
     }
     for column, value in row.items():
         _reject_unsafe(value, column)
+    if rules.formula_guard == "reject":
+        for column, value in row.items():
+            _guard_formula(value, column)
     body = _tsv_bytes([list(HEADER), [row[column] for column in HEADER]])
+    name = file_name_for(number, today, charset=rules.file_name_charset)
+    other: FileNameCharset = "ascii" if rules.file_name_charset == "unicode" else "unicode"
+    other_name = file_name_for(number, today, charset=other)
     return RenderedFile(
-        file_name=file_name_for(number, today),
+        file_name=name,
         body=body,
         invoice_number=number,
         sha256=hashlib.sha256(body).hexdigest(),
+        other_name=None if other_name == name else other_name,
     )
 
 
@@ -171,9 +199,6 @@ def _invalid(field: str, why: str) -> RenderError:
 def _reject_unsafe(value: str, column: str) -> None:
     # Values are never quoted, because quoting would change what the ERP reads. So a
     # character that ends a cell or a line must fail the invoice, never be written.
-    #
-    # Values starting with = + - @ are NOT altered: the reader is an ERP import, not a
-    # spreadsheet, and a prefix or quotes would corrupt data such as the total -12.50.
     for position, char in enumerate(value, start=1):
         if unicodedata.category(char) in _UNSAFE_CATEGORIES:
             raise RenderError(
@@ -181,6 +206,38 @@ def _reject_unsafe(value: str, column: str) -> None:
                 f"position {position}; the ERP's tab-separated reader would misread it",
                 failure_code=FailureCode.RENDER_UNSAFE_VALUE,
             )
+
+
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google
+# Sheets (OWASP "CSV injection"): '=cmd|' /C calc'!A0' starts a program, '@SUM(...)' and
+# '+HYPERLINK(...)' send data away. Tab and CR are refused anywhere in a value already
+# (_reject_unsafe); they are listed so that the rule stands on its own.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+# Columns that hold numbers: a value that is a number may start with a sign (the total
+# -12.50 is a credit note); anything else in them is held to the text rule.
+NUMERIC_COLUMNS = frozenset({"total", "line_count"})
+# A number as invoices write it: a sign, ASCII digits, and . , ' or spaces as decimal and
+# grouping marks ("-1.234,50", "+1'234.50", "-12 345"). Nothing a spreadsheet could run.
+_NUMBER = re.compile(r"[+-]?[.,]?[0-9](?:[0-9.,' \u00a0\u202f]*[0-9])?")
+# How much of a refused value its failure message shows: enough to find it, never a
+# whole supplier-controlled payload.
+_SHOWN_CHARS = 32
+
+
+def _guard_formula(value: str, column: str) -> None:
+    """Refuse a value a spreadsheet would run. Values are refused, not altered: a "'"
+    prefix or quotes would change what the ERP imports."""
+    if not value.startswith(FORMULA_TRIGGERS):
+        return
+    if column in NUMERIC_COLUMNS and _NUMBER.fullmatch(value):
+        return
+    kind = "is not a number and starts with" if column in NUMERIC_COLUMNS else "starts with"
+    raise RenderError(
+        f"column {column} {kind} {printable(repr(value[0]))}, which a spreadsheet would run "
+        f"as a formula: {printable(shorten(value, _SHOWN_CHARS))} "
+        "(refused by config.formula_guard)",
+        failure_code=FailureCode.RENDER_UNSAFE_VALUE,
+    )
 
 
 def _tsv_bytes(rows: list[list[str]]) -> bytes:
@@ -200,27 +257,62 @@ def _tsv_bytes(rows: list[list[str]]) -> bytes:
 _HASH_HEX = 8
 
 
-def file_name_for(invoice_number: str, today: date) -> str:
+def file_name_for(invoice_number: str, today: date, *, charset: FileNameCharset) -> str:
     """``<safe number>-<YYYYMMDD>.csv``, at most MAX_FILE_NAME_BYTES bytes of UTF-8.
 
-    Only ASCII letters, digits, '-' and '_' are kept; everything else becomes '_', so
-    '../etc/passwd' is '___etc_passwd' and can never leave the outbox. Non-ASCII letters
-    are replaced too (the seed keeps them): SFTP servers on Windows store names in a code
-    page and mangle them, some file systems normalise é to e + ◌́ (NFD), which makes the
-    "is this name taken?" lookup miss, and case-insensitive comparison of non-ASCII
-    names differs between servers. The number itself is in the file, unchanged.
+    ``unicode`` (the seed's rule, so 'Größe-7' stays readable): the number is
+    NFC-normalised, so é sent precomposed or as e + ◌́ gives one name, and a later run
+    (or another machine) looks up exactly the name an earlier one wrote. Letters and
+    digits of any script (``str.isalnum``) are kept with the combining marks that follow
+    them, as are '-' and '_'; everything else becomes '_'. So '../etc/passwd' is
+    '___etc_passwd' and can never leave the outbox, and no name holds a separator, a
+    control or format character, or a letter that is drawn as nothing.
 
-    A number too long for the bound is cut and gets '_' + 8 hex of its sha256, so two
-    long numbers sharing a prefix still get different names.
+    ``ascii``, for servers that store names in a code page and mangle the rest: only
+    ASCII letters and digits, '-' and '_' are kept. The number is not normalised, so
+    these are exactly the names erp-push gave before it had the setting. Either way the
+    number itself is in the file, unchanged.
+
+    A number too long for the bound is cut between characters (never inside one, nor
+    between a letter and its accents) and gets '_' + 8 hex of its sha256, so two long
+    numbers sharing a prefix still get different names.
     """
     suffix = f"-{today:%Y%m%d}.csv"
-    safe = "".join(c if _is_safe_name_char(c) else "_" for c in invoice_number)
-    room = MAX_FILE_NAME_BYTES - len(suffix)  # ASCII only: characters == bytes
-    if len(safe) > room:
-        digest = hashlib.sha256(invoice_number.encode("utf-8", "surrogatepass")).hexdigest()
-        safe = safe[: room - 1 - _HASH_HEX] + "_" + digest[:_HASH_HEX]
-    return safe + suffix
+    if charset == "unicode":
+        invoice_number = unicodedata.normalize("NFC", invoice_number)
+    pieces = _name_pieces(invoice_number, charset)
+    room = MAX_FILE_NAME_BYTES - len(suffix)  # the suffix is ASCII: characters == bytes
+    if sum(len(piece.encode()) for piece in pieces) <= room:
+        return "".join(pieces) + suffix
+    digest = hashlib.sha256(invoice_number.encode("utf-8", "surrogatepass")).hexdigest()
+    budget = room - 1 - _HASH_HEX
+    kept: list[str] = []
+    for piece in pieces:
+        budget -= len(piece.encode())
+        if budget < 0:
+            break
+        kept.append(piece)
+    return "".join(kept) + "_" + digest[:_HASH_HEX] + suffix
 
 
-def _is_safe_name_char(char: str) -> bool:
-    return char.isascii() and (char.isalnum() or char in "-_")
+def _name_pieces(number: str, charset: FileNameCharset) -> list[str]:
+    """The name's characters, each with the combining marks it carries ("e" + U+0301 is
+    one piece): a cut for the length bound falls between pieces."""
+    pieces: list[str] = []
+    kept_last = False  # whether the last piece is a kept character (marks may follow)
+    for char in number:
+        if charset == "ascii":
+            kept_last = char.isascii() and (char.isalnum() or char in "-_")
+            pieces.append(char if kept_last else "_")
+        elif unicodedata.category(char).startswith("M"):
+            # A mark belongs to the letter before it; after anything replaced it would
+            # sit on the '_' (or on the '-' of the date), so it is replaced too.
+            if kept_last and pieces[-1] not in ("-", "_"):
+                pieces[-1] += char
+            else:
+                pieces.append("_")
+                kept_last = False
+        else:
+            kept_last = (char.isalnum() and char not in _INVISIBLE) or char in "-_"
+            pieces.append(char if kept_last else "_")
+    return pieces

@@ -48,7 +48,7 @@ from pydantic_settings import (
 from erp_push import claim, wire
 from erp_push.errors import JournalUnusable, SettingsError
 from erp_push.journal import Journal
-from erp_push.render import FieldKeys
+from erp_push.render import FieldKeys, FileNameCharset, FormulaGuard, RenderRules
 
 if TYPE_CHECKING:
     from erp_push.pipeline import PushPlan
@@ -247,6 +247,21 @@ class Config(BaseModel):
         description="Address type whose address_name is the supplier code fallback.",
     )
 
+    # How the file is written
+    formula_guard: FormulaGuard = Field(
+        default="reject",
+        description="reject: an invoice whose invoice number, date, currency or supplier "
+        "code starts with = + - @ (a spreadsheet would run it as a formula), or whose total "
+        "starts so without being a number, fails alone (RENDER_UNSAFE_VALUE). off: written "
+        "as sent.",
+    )
+    file_name_charset: FileNameCharset = Field(
+        default="unicode",
+        description="unicode: file names keep letters and digits of any script "
+        "(NFC-normalized). ascii: only A-Z, a-z, 0-9, - and _ are kept, the rest becomes _, "
+        "for servers that mangle non-ASCII names.",
+    )
+
     @field_validator("nuntiq_base_url")
     @classmethod
     def _https_unless_loopback(cls, value: str | None) -> str | None:
@@ -266,6 +281,12 @@ class Config(BaseModel):
     def _state_dir_default_for_null(cls, value: Any) -> Any:
         # null in the file (as in settings.example.json) means "use the default".
         return _default_state_dir() if value is None or value == "" else value
+
+    def render_rules(self) -> RenderRules:
+        """How files are written, for ``render.render_invoice``."""
+        return RenderRules(
+            formula_guard=self.formula_guard, file_name_charset=self.file_name_charset
+        )
 
     def field_keys(self) -> FieldKeys:
         """The customer's template keys, for ``render.render_invoice``."""
@@ -383,6 +404,7 @@ class Settings(BaseSettings):
             max_invoices=max_invoices,
             max_run_seconds=c.max_run_seconds,
             publish_mode=c.publish_mode,
+            render_rules=c.render_rules(),
         )
 
 

@@ -21,7 +21,8 @@ and can imitate each family of behaviour (``quirk``):
   server has taken ``disk_full_after`` bytes; statvfs then reports no space left.
 - ``hang_on_write``: opening a file for writing never gets an answer (a hung server).
 - ``case_insensitive``: names resolve as on a Windows server: ``ABC.CSV`` and
-  ``abc.csv`` are one name (the existing spelling wins).
+  ``abc.csv`` are one name, and so are ``ÄBC.csv`` and ``äbc.csv`` (NTFS folds every
+  script's case, not only ASCII; the existing spelling wins).
 - ``channel_limit``: ProFTPD's ``SFTPMaxChannels``: opening a channel beyond
   ``max_channels`` (default 10) open on one connection is refused and the server then
   drops the whole connection (OpenSSH refuses only that channel).
@@ -370,11 +371,17 @@ def _fold_case(local: bytes, root: bytes) -> bytes:
         if part not in (b".", b"..") and not os.path.lexists(candidate):
             with contextlib.suppress(OSError):
                 for entry in os.listdir(resolved):
-                    if entry.lower() == part.lower():
+                    if _upcase(entry) == _upcase(part):
                         candidate = os.path.join(resolved, entry)
                         break
         resolved = candidate
     return resolved
+
+
+def _upcase(name: bytes) -> str:
+    """NTFS's comparison key: each character upper-cased on its own (its upcase table is
+    one character to one, so 'ß' stays 'ß' where Python's upper() makes 'SS')."""
+    return "".join(c if len(c.upper()) != 1 else c.upper() for c in os.fsdecode(name))
 
 
 async def _cancel_pending() -> None:

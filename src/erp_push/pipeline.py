@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
+from erp_push import logs
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
     ErpPushError,
@@ -400,7 +401,7 @@ class InvoiceWorker:
         except RenderError as exc:
             return self._fail_alone(token, exc.failure_code, str(exc))
         except Exception as exc:
-            log.exception("rendering %s failed unexpectedly", token)
+            log.exception("rendering %s failed unexpectedly", token, extra={"invoice_token": token})
             return self._fail_alone(
                 token, FailureCode.RENDER_FAILED, f"unexpected {type(exc).__name__} while rendering"
             )
@@ -492,6 +493,7 @@ class InvoiceWorker:
                     "SFTP connection lost while publishing %s (%s); reconnecting",
                     file.file_name,
                     exc,
+                    extra={"invoice_token": lease.invoice_token},
                 )
                 if self._lease_too_short(lease):
                     raise LeaseLapsing("lease too close to expiry to retry the upload") from None
@@ -533,7 +535,9 @@ class InvoiceWorker:
         except NuntiqAuthError:
             raise
         except NuntiqError as exc:
-            log.warning("could not finish %s with Nuntiq: %s", token, exc)
+            log.warning(
+                "could not finish %s with Nuntiq: %s", token, exc, extra={"invoice_token": token}
+            )
             return replace(
                 outcome,
                 result=Result.PENDING,
@@ -877,7 +881,11 @@ class Pusher:
                 lease.invoice_token, Result.PENDING, entry.invoice_number, message=f"Nuntiq: {exc}"
             )
         except Exception as exc:  # a bug must not lose the batch: journal keeps the state
-            log.exception("unexpected error delivering %s", lease.invoice_token)
+            log.exception(
+                "unexpected error delivering %s",
+                lease.invoice_token,
+                extra={"invoice_token": lease.invoice_token},
+            )
             return Outcome(
                 lease.invoice_token,
                 Result.PENDING,
@@ -887,4 +895,5 @@ class Pusher:
 
     def _record(self, outcome: Outcome) -> None:
         self.report.add(outcome)
+        logs.invoice(outcome)
         self.on_outcome(outcome)

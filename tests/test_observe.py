@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -300,3 +304,44 @@ def test_quiet_is_silent_on_success_and_speaks_on_failure(
         "push", "--settings", settings, "--quiet", "--settings", str(Path(settings).parent / "x")
     )
     assert refused.returncode == ExitCode.SETTINGS and "error:" in refused.stderr
+
+
+def test_a_terminated_run_still_writes_its_metrics_and_a_json_line(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """systemctl stop mid-run: exit 143, said as a JSON event, and the metrics file holds
+    what the run had claimed by then (counted as it went: there is no report)."""
+    sandbox.control.seed(2)
+    metrics = tmp_path / "textfile" / "erp_push.prom"
+    metrics.parent.mkdir()
+    # GET answers after 2 s: the run is surely mid-invoice when the signal comes.
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 2000}])
+    args = ["push", "--settings", str(make_settings(asyncssh_sftp)), "--log-format", "json"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "erp_push", *args, "--metrics-file", str(metrics)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sandbox.control.request_counts().get("get", 0) == 0:
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the run never fetched an invoice"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+    assert child.returncode == 143, stderr
+    records = json_lines(stderr)
+    assert records[-1]["event"] == "terminated" and records[-1]["exit_code"] == 143
+    samples = read_metrics(metrics)
+    assert samples["erp_push_exit_code"] == 143
+    assert samples["erp_push_claimed"] == 1  # the probe
+    assert samples["erp_push_last_success_timestamp_seconds"] == 0
+    assert_written_atomically(metrics)

@@ -195,9 +195,9 @@ def _begin(
 
     loaded = _guarded(load)
     _State.configured_log_format = loaded.config.log_format
-    logs.hide(
-        secret.get_secret_value() for secret in vars(loaded.secrets).values() if secret is not None
-    )
+    # Errors are built without secrets; this also keeps a library's echo out of the logs.
+    secrets = (getattr(loaded.secrets, name) for name in type(loaded.secrets).model_fields)
+    logs.hide(secret.get_secret_value() for secret in secrets if secret is not None)
     _configure_logging()
     # Which file a run read is the first question when it does not do what was expected.
     log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)

@@ -85,6 +85,12 @@ def _scrubbed(value: Any) -> Any:
 def event(name: str, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Report one event: ``name`` is the JSON ``event``, ``message`` the text line, and
     ``fields`` (None values left out) the JSON object's other keys."""
+    _emit(name, message, level, fields)
+
+
+def _emit(name: str, message: str, level: int, fields: dict[str, Any]) -> None:
+    # The fields travel as one attribute: a key such as "name" or "message" cannot clash
+    # with the LogRecord's own attributes (logging refuses those in ``extra``).
     kept = {key: value for key, value in fields.items() if value is not None}
     _events.log(level, "%s", message, extra={"event": name, "fields": kept})
 
@@ -116,7 +122,7 @@ def invoice(outcome: Outcome) -> None:
     )
 
 
-def finished(report: CommandReport, **fields: Any) -> None:
+def finished(report: CommandReport) -> None:
     """The end of a command: ``run_finished`` for push, ``<command>_finished`` for others,
     with the command's JSON report as fields (push's invoices were events of their own)."""
     from erp_push.report import RunReport
@@ -130,7 +136,7 @@ def finished(report: CommandReport, **fields: Any) -> None:
         message = f"{kind.replace('_', '-')} finished"
     code = int(report.exit_code)
     level = logging.INFO if code == 0 else logging.WARNING if code == 1 else logging.ERROR
-    event(f"{kind}_finished", message, level=level, **{**document, **fields})
+    _emit(f"{kind}_finished", message, level, document)
 
 
 # --- formatters --------------------------------------------------------------------------

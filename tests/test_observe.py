@@ -100,6 +100,7 @@ def test_json_logs_have_one_object_per_line_and_an_event_per_invoice(
     failed = invoices[bad[0]]
     assert failed["level"] == "error" and failed["result"] == "failed"
     assert failed["failure_code"] == "RENDER_UNSAFE_VALUE" and failed["detail"]
+    assert failed["invoice_number"] == "INV/2024/000003"  # as Nuntiq holds it
     (started,) = events(records, "run_started")
     assert started["remote_outbox"] == asyncssh_sftp.outbox
     (finished,) = events(records, "run_finished")

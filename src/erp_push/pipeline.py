@@ -399,7 +399,11 @@ class InvoiceWorker:
         try:
             file = render_invoice(detail.invoice, keys=self.plan.field_keys, today=self.today)
         except RenderError as exc:
-            return self._fail_alone(token, exc.failure_code, str(exc))
+            # The number as Nuntiq holds it, if it is text: which invoice failed is the
+            # first thing an operator reading the summary or the log asks.
+            number = detail.invoice.field(self.plan.field_keys.invoice_number)
+            number = number.strip() or None if isinstance(number, str) else None
+            return self._fail_alone(token, exc.failure_code, str(exc), number)
         except Exception as exc:
             log.exception("rendering %s failed unexpectedly", token, extra={"invoice_token": token})
             return self._fail_alone(
@@ -498,9 +502,13 @@ class InvoiceWorker:
                 if self._lease_too_short(lease):
                     raise LeaseLapsing("lease too close to expiry to retry the upload") from None
 
-    def _fail_alone(self, token: str, code: FailureCode, message: str) -> Outcome:
-        self.journal.record_failed(token, code, truncate(message))
-        return Outcome(token, Result.FAILED, None, failure_code=code, message=truncate(message))
+    def _fail_alone(
+        self, token: str, code: FailureCode, message: str, invoice_number: str | None = None
+    ) -> Outcome:
+        self.journal.record_failed(token, code, truncate(message), invoice_number)
+        return Outcome(
+            token, Result.FAILED, invoice_number, failure_code=code, message=truncate(message)
+        )
 
     def _failure(self, entry: Entry, code: str | None, message: str | None) -> Outcome:
         return Outcome(

@@ -136,6 +136,12 @@ def test_json_logs_have_one_object_per_line_and_an_event_per_invoice(
     assert " erp_push.events: INV-" in verbose.stderr and " delivered: /outbox/" in verbose.stderr
     assert not any(line.startswith("{") for line in verbose.stderr.splitlines())
 
+    # Every command's stderr is JSON lines, ending on its report as an event.
+    for command, name in (("dry-run", "dry_run_finished"), ("cleanup-tmp", "cleanup_finished")):
+        other = run_cli(command, "--settings", str(settings), "--log-format", "json")
+        assert other.returncode == 0, other.stderr
+        assert json_lines(other.stderr)[-1]["event"] == name
+
 
 def test_json_logs_of_refused_and_unreachable_servers_hold_no_secret(
     sandbox_server: Any, sftp_server_factory: Any, tmp_path: Path

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Literal, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -54,6 +54,7 @@ from erp_push.models import (
     InvoiceDetail,
     Lease,
 )
+from erp_push.text import redact
 
 log = logging.getLogger("erp_push.nuntiq")
 
@@ -67,7 +68,6 @@ ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_MAX_REPLY_BYTES = 20_000_000
 DEFAULT_MAX_CONNECTIONS = 10
-REDACTED = "***"
 # The loggers httpx and httpcore narrate requests on (at DEBUG, with reason phrases and
 # response headers, which a hostile server can fill with whatever it was sent).
 HTTP_LOGGERS = (
@@ -769,11 +769,7 @@ class NuntiqClient:
     def _redact(self, text: str) -> str:
         # Defence in depth: a server or library echoing the key must not spread it, as is
         # or in the escaped form of a repr or a URL.
-        key = self._api_key.get_secret_value()
-        for form in {key, repr(key)[1:-1], repr(key.encode())[2:-1], quote(key, safe="")}:
-            if form:
-                text = text.replace(form, REDACTED)
-        return text
+        return redact(text, (self._api_key.get_secret_value(),))
 
     def _scrubbed(self, error: errors.NuntiqError) -> errors.NuntiqError:
         """``error`` with the key cut out of its message and code (both the server's text)."""

@@ -16,25 +16,26 @@ import logging
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
-from erp_push import __version__
+from erp_push import __version__, logs
 from erp_push.errors import ErpPushError
 from erp_push.text import printable, printable_lines
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from erp_push.metrics import Run
     from erp_push.report import CommandReport, Outcome
     from erp_push.settings import Need, Settings
 
@@ -89,12 +90,47 @@ JsonOption = Annotated[
 ]
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        help="stderr as text for people (default), or json: one JSON object per line "
+        "(time, level, event, invoice token and number), for log collectors. "
+        "Overrides the log_format setting.",
+        show_default=False,
+    ),
+]
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print nothing on success (errors still go to stderr)."),
+]
+MetricsFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--metrics-file",
+        help="Rewrite this Prometheus textfile-collector file at the end of the run "
+        "(push only; overrides the metrics_file setting).",
+        show_default=False,
+    ),
+]
+
+
 class _State:
     """The global options given before the command."""
 
     settings: Path | None = None
     verbose = False
     debug = False
+    quiet = False
+    log_format: LogFormat | None = None  # from the command line; else the setting's
+    configured_log_format = "text"
+    metrics_file: Path | None = None  # from the command line
+    settings_used: Path | None = None  # the command's, else the global --settings
 
 
 def _version(value: bool) -> None:
@@ -117,25 +153,64 @@ def _main(
     ] = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
+    metrics_file: MetricsFileOption = None,
 ) -> None:
     _State.settings, _State.verbose, _State.debug = settings, verbose, debug
-    _configure_logging(verbose=verbose, debug=debug)
+    _State.log_format, _State.quiet, _State.metrics_file = log_format, quiet, metrics_file
+    _State.configured_log_format, _State.settings_used = "text", settings
+    _configure_logging()
 
 
-def _begin(settings: Path | None, needs: set[Need], *, verbose: bool, debug: bool) -> Settings:
+def _begin(
+    settings: Path | None,
+    needs: set[Need],
+    *,
+    verbose: bool,
+    debug: bool,
+    log_format: LogFormat | None = None,
+    quiet: bool = False,
+) -> Settings:
     """Merge a command's own global options with those given before it, then load the
     settings the command ``needs`` (from its own --settings, else the global one, else
     the default file)."""
     _State.verbose = _State.verbose or verbose
     _State.debug = _State.debug or debug
-    _configure_logging(verbose=_State.verbose, debug=_State.debug)
+    _State.quiet = _State.quiet or quiet
+    _State.log_format = log_format or _State.log_format
+    _configure_logging()
     path = settings if settings is not None else _State.settings
-    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
+    _State.settings_used = path
+    from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings, peek
 
-    loaded = _guarded(lambda: load_settings(path, needs=needs))
+    def load() -> Settings:
+        try:
+            return load_settings(path, needs=needs)
+        except ErpPushError:
+            # The settings' log format still applies to the error that says they are bad.
+            _State.configured_log_format = peek(path, "config.log_format") or "text"
+            _configure_logging()
+            raise
+
+    loaded = _guarded(load)
+    _State.configured_log_format = loaded.config.log_format
+    # Errors are built without secrets; this also keeps a library's echo out of the logs.
+    secrets = (getattr(loaded.secrets, name) for name in type(loaded.secrets).model_fields)
+    logs.hide(secret.get_secret_value() for secret in secrets if secret is not None)
+    _configure_logging()
     # Which file a run read is the first question when it does not do what was expected.
     log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
     return loaded
+
+
+def _json_logs() -> bool:
+    return (_State.log_format or _State.configured_log_format) == LogFormat.JSON
+
+
+def _quiet() -> bool:
+    """--quiet, unless --verbose or --debug asks for more."""
+    return _State.quiet and not (_State.verbose or _State.debug)
 
 
 # --- output for people: plain lines, rich only when something is drawn -----------------
@@ -158,6 +233,10 @@ def _say(text: str, *, label: str = "", style: str = "", lines: bool = False) ->
     """One line for people on stderr, ``text`` as it is (no markup, control characters
     escaped: it may come from a server); ``label`` (``error:``, ``note:``...) is coloured
     with ``style`` on a terminal. ``lines`` keeps the text's own line breaks."""
+    if _json_logs():  # every stderr line is a JSON object
+        name = label.rstrip(":").replace(" ", "_") or "message"
+        logs.event(name, text, level=logging.ERROR if "error" in label else logging.INFO)
+        return
     text = printable_lines(text) if lines else printable(text)
     if _is_terminal():
         from rich.text import Text
@@ -181,13 +260,18 @@ class _Stderr:
 
 
 def _show_and_exit(report: CommandReport, *, as_json: bool) -> NoReturn:
-    """Show a command's report (JSON on stdout, or for people on stderr), then exit."""
+    """Show a command's report (JSON on stdout, or for people on stderr), then exit.
+
+    The report is also the command's last event (shown as a line with --verbose; in
+    --log-format json it stands for the table); --quiet shows nothing when all went well.
+    """
+    logs.finished(report)
     if as_json:
         for chunk in report.json_chunks():
             sys.stdout.write(chunk)
         sys.stdout.write("\n")
         sys.stdout.flush()
-    else:
+    elif not _json_logs() and not (_quiet() and report.exit_code == 0):
         report.show(_Stderr())
     if report.error is not None:
         _error(report.error)
@@ -197,58 +281,13 @@ def _show_and_exit(report: CommandReport, *, as_json: bool) -> NoReturn:
 # --- logging ----------------------------------------------------------------------------
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is when a record arrives, not when it was made:
-    paramiko logs from its own threads, possibly after a caller swapped stderr."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
-
-
-class _PrintableFormatter(logging.Formatter):
-    """Log messages carry server text (error messages, banners): escaped like all output."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        return printable(super().formatMessage(record))
-
-    def formatException(self, ei: Any) -> str:  # noqa: N802
-        return printable_lines(super().formatException(ei))
-
-    def formatStack(self, stack_info: str) -> str:  # noqa: N802
-        return printable_lines(super().formatStack(stack_info))
-
-
-def _own_records(record: logging.LogRecord) -> bool:
-    return record.name == "erp_push" or record.name.startswith("erp_push.")
-
-
-# The libraries erp-push drives narrate in their own words: paramiko every packet, and its
-# transport thread logs a failed handshake as an ERROR traceback and a refused channel as
-# "Secsh channel N open FAILED"; httpx/httpcore every request and header. erp-push says
-# what that means for the run in one line of its own, so their records are for --debug.
-LIBRARY_LOGGERS = ("paramiko", "httpx", "httpcore")
-
-
-def _configure_logging(*, verbose: bool, debug: bool) -> None:
-    handler = _StderrHandler()
-    formatter = _PrintableFormatter(
-        "%(asctime)s UTC [%(levelname)s] %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
+def _configure_logging() -> None:
+    logs.configure(
+        log_format="json" if _json_logs() else "text",
+        verbose=_State.verbose,
+        debug=_State.debug,
+        quiet=_State.quiet,
     )
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    if not debug:
-        handler.addFilter(_own_records)  # any other library's records too
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    for name in LIBRARY_LOGGERS:
-        # Above CRITICAL: without --debug their records are not even made.
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL + 1)
 
 
 # --- the one error boundary -----------------------------------------------------------
@@ -281,20 +320,27 @@ def _guarded(call: Callable[[], T]) -> T:
     except Exception as exc:  # a bug: still one line (no secrets in tracebacks), --debug shows it
         if _State.debug:
             _traceback(exc)
-        _say(
-            f"{type(exc).__name__} (run with --debug for details)",
-            label="internal error:",
-            style="bold red",
-        )
+        what = f"{type(exc).__name__} (run with --debug for details)"
+        if _json_logs():
+            logs.event(
+                "internal_error",
+                what,
+                level=logging.ERROR,
+                error_type=type(exc).__name__,
+                exit_code=INTERNAL_ERROR,
+            )
+        else:
+            _say(what, label="internal error:", style="bold red")
         raise typer.Exit(INTERNAL_ERROR) from None
 
 
 def _stopped(how: str) -> None:
-    _say(
-        "unfinished invoices are in the journal; the next run finishes them",
-        label=f"{how}:",
-        style="yellow",
-    )
+    what = "unfinished invoices are in the journal; the next run finishes them"
+    if _json_logs():
+        code = INTERRUPTED if how == "interrupted" else TERMINATED
+        logs.event(how, what, level=logging.WARNING, exit_code=code)
+        return
+    _say(what, label=f"{how}:", style="yellow")
 
 
 def _fail(exc: ErpPushError) -> NoReturn:
@@ -309,13 +355,28 @@ def _error(exc: ErpPushError) -> None:
     from erp_push.errors import SettingsError
 
     multi_line = isinstance(exc, SettingsError)
+    if _json_logs():
+        logs.event(
+            "error",
+            str(exc),
+            level=logging.ERROR,
+            error_type=type(exc).__name__,
+            exit_code=int(exc.exit_code),
+            hint=exc.hint,
+            problems=exc.problems if isinstance(exc, SettingsError) else None,
+        )
+        return
     _say(str(exc), label="error:", style="bold red", lines=multi_line)
     if exc.hint:
         _say(exc.hint, label="hint:", style="dim")
 
 
 def _traceback(exc: BaseException) -> None:
-    sys.stderr.write(printable_lines("".join(traceback.format_exception(exc))))
+    text = "".join(traceback.format_exception(exc))
+    if _json_logs():
+        logs.event("traceback", type(exc).__name__, level=logging.ERROR, traceback=text)
+        return
+    sys.stderr.write(logs.scrub(printable_lines(text)))
 
 
 # --- push -----------------------------------------------------------------------------
@@ -331,9 +392,12 @@ def push(
         typer.Option("--max-invoices", min=1, help="Stop after this many invoices (with --drain)."),
     ] = None,
     as_json: JsonOption = False,
+    metrics_file: MetricsFileOption = None,
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Claim pending invoices, publish one file each on the SFTP server, report back.
 
@@ -342,20 +406,77 @@ def push(
     from erp_push import commands
     from erp_push.settings import Need
 
-    cfg = _begin(
-        settings, {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR}, verbose=verbose, debug=debug
-    )
-    with _progress(enabled=not as_json and _is_terminal()) as (on_claimed, on_outcome):
-        report = _guarded(
-            lambda: commands.push(
-                cfg,
-                drain=drain,
-                max_invoices=max_invoices,
-                on_claimed=on_claimed,
-                on_outcome=on_outcome,
-            )
+    with _run_metrics(metrics_file) as run:
+        cfg = _begin(
+            settings,
+            {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR},
+            verbose=verbose,
+            debug=debug,
+            log_format=log_format,
+            quiet=quiet,
         )
-    _show_and_exit(report, as_json=as_json)
+        if _State.metrics_file is None:
+            _State.metrics_file = cfg.config.metrics_file
+        shown = not as_json and _is_terminal() and not _json_logs() and not _quiet()
+        with _progress(enabled=shown) as (show_claimed, show_outcome):
+
+            def on_claimed(count: int) -> None:
+                run.claimed(count)
+                show_claimed(count)
+
+            def on_outcome(outcome: Outcome) -> None:
+                run.outcome(outcome)
+                show_outcome(outcome)
+
+            report = _guarded(
+                lambda: commands.push(
+                    cfg,
+                    drain=drain,
+                    max_invoices=max_invoices,
+                    on_claimed=on_claimed,
+                    on_outcome=on_outcome,
+                )
+            )
+        run.take(report)
+        _show_and_exit(report, as_json=as_json)
+
+
+@contextmanager
+def _run_metrics(option: Path | None) -> Iterator[Run]:
+    """The metrics file (--metrics-file, else the setting), rewritten however the run
+    ends: delivered, failed, refused by a server, stopped at bad settings, interrupted."""
+    from erp_push import metrics
+
+    if option is not None:  # the option after the command wins, as for --settings
+        _State.metrics_file = option
+    run = metrics.Run()
+    exit_code = INTERNAL_ERROR
+    try:
+        yield run
+    except typer.Exit as exc:
+        exit_code = exc.exit_code
+        raise
+    except Terminated:
+        exit_code = TERMINATED
+        raise
+    except KeyboardInterrupt:
+        exit_code = INTERRUPTED
+        raise
+    finally:
+        path = _State.metrics_file or _peeked_metrics_file()
+        if path is not None:
+            try:
+                metrics.write(path, run, exit_code=exit_code)
+            except OSError as exc:
+                log.error("could not write the metrics file %s: %s", path, exc.strerror or exc)
+
+
+def _peeked_metrics_file() -> Path | None:
+    """A run stopped by bad settings still writes the metrics file they name, if any."""
+    from erp_push.settings import peek
+
+    value = peek(_State.settings_used, "config.metrics_file")
+    return Path(value) if value else None
 
 
 @contextmanager
@@ -402,6 +523,8 @@ def dry_run(
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Show which invoices the next push would take and the file names they would get.
 
@@ -414,7 +537,14 @@ def dry_run(
     from erp_push import commands
     from erp_push.settings import Need
 
-    cfg = _begin(settings, {Need.NUNTIQ, Need.SFTP}, verbose=verbose, debug=debug)
+    cfg = _begin(
+        settings,
+        {Need.NUNTIQ, Need.SFTP},
+        verbose=verbose,
+        debug=debug,
+        log_format=log_format,
+        quiet=quiet,
+    )
     report = _guarded(lambda: commands.dry_run(cfg, limit=limit))
     _show_and_exit(report, as_json=as_json)
 
@@ -439,6 +569,8 @@ def render(
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Print exactly the bytes push would upload for one invoice. Needs only Nuntiq settings.
 
@@ -447,18 +579,22 @@ def render(
     from erp_push import commands
     from erp_push.settings import Need
 
-    cfg = _begin(settings, {Need.NUNTIQ}, verbose=verbose, debug=debug)
+    cfg = _begin(
+        settings, {Need.NUNTIQ}, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet
+    )
     today: date | None = on_date.date() if on_date else None
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
     if output is not None:
         output.write_bytes(rendered.body)
-        _say(
-            f"wrote {output} ({len(rendered.body)} bytes); push would name it {rendered.file_name}"
-        )
+        if not _quiet():
+            _say(
+                f"wrote {output} ({len(rendered.body)} bytes); push would name it "
+                f"{rendered.file_name}"
+            )
     else:
         sys.stdout.buffer.write(rendered.body)
         sys.stdout.buffer.flush()
-        if _is_terminal():
+        if _is_terminal() and not _quiet():
             _say(f"file name: {rendered.file_name}", style="dim")
 
 
@@ -476,6 +612,8 @@ def cleanup_tmp(
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Remove erp-push's own stale .tmp files from the outbox. Never touches any other file.
 
@@ -486,7 +624,9 @@ def cleanup_tmp(
     from erp_push import commands
     from erp_push.settings import Need
 
-    cfg = _begin(settings, {Need.SFTP}, verbose=verbose, debug=debug)
+    cfg = _begin(
+        settings, {Need.SFTP}, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet
+    )
     report = _guarded(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )

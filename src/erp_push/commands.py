@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from erp_push import logs
 from erp_push.claim import NuntiqClient
 from erp_push.errors import RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
@@ -80,14 +81,18 @@ def push(
 ) -> RunReport:
     """One push run: recover what earlier runs left, then claim and deliver."""
     cfg = settings.config
-    log.info(
-        "push: Nuntiq %s, SFTP %s@%s:%s %s, journal %s",
-        cfg.nuntiq_base_url,
-        cfg.sftp_user,
-        cfg.sftp_host,
-        cfg.sftp_port,
-        cfg.remote_outbox,
-        cfg.state_dir,
+    logs.event(
+        "run_started",
+        f"push: Nuntiq {cfg.nuntiq_base_url}, SFTP {cfg.sftp_user}@{cfg.sftp_host}:"
+        f"{cfg.sftp_port} {cfg.remote_outbox}, journal {cfg.state_dir}",
+        nuntiq_base_url=cfg.nuntiq_base_url,
+        sftp_host=cfg.sftp_host,
+        sftp_port=cfg.sftp_port,
+        sftp_user=cfg.sftp_user,
+        remote_outbox=cfg.remote_outbox,
+        state_dir=str(cfg.state_dir),
+        drain=drain,
+        max_invoices=max_invoices,
     )
     client = nuntiq or nuntiq_client(settings)
     journal = Journal(Path(settings.config.state_dir))

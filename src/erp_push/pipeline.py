@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
+from erp_push import logs
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
     ErpPushError,
@@ -404,9 +405,13 @@ class InvoiceWorker:
                 today=self.today,
             )
         except RenderError as exc:
-            return self._fail_alone(token, exc.failure_code, str(exc))
+            # The number as Nuntiq holds it, if it is text: which invoice failed is the
+            # first thing an operator reading the summary or the log asks.
+            number = detail.invoice.field(self.plan.field_keys.invoice_number)
+            number = number.strip() or None if isinstance(number, str) else None
+            return self._fail_alone(token, exc.failure_code, str(exc), number)
         except Exception as exc:
-            log.exception("rendering %s failed unexpectedly", token)
+            log.exception("rendering %s failed unexpectedly", token, extra={"invoice_token": token})
             return self._fail_alone(
                 token, FailureCode.RENDER_FAILED, f"unexpected {type(exc).__name__} while rendering"
             )
@@ -498,13 +503,18 @@ class InvoiceWorker:
                     "SFTP connection lost while publishing %s (%s); reconnecting",
                     file.file_name,
                     exc,
+                    extra={"invoice_token": lease.invoice_token},
                 )
                 if self._lease_too_short(lease):
                     raise LeaseLapsing("lease too close to expiry to retry the upload") from None
 
-    def _fail_alone(self, token: str, code: FailureCode, message: str) -> Outcome:
-        self.journal.record_failed(token, code, truncate(message))
-        return Outcome(token, Result.FAILED, None, failure_code=code, message=truncate(message))
+    def _fail_alone(
+        self, token: str, code: FailureCode, message: str, invoice_number: str | None = None
+    ) -> Outcome:
+        self.journal.record_failed(token, code, truncate(message), invoice_number)
+        return Outcome(
+            token, Result.FAILED, invoice_number, failure_code=code, message=truncate(message)
+        )
 
     def _failure(self, entry: Entry, code: str | None, message: str | None) -> Outcome:
         return Outcome(
@@ -539,7 +549,9 @@ class InvoiceWorker:
         except NuntiqAuthError:
             raise
         except NuntiqError as exc:
-            log.warning("could not finish %s with Nuntiq: %s", token, exc)
+            log.warning(
+                "could not finish %s with Nuntiq: %s", token, exc, extra={"invoice_token": token}
+            )
             return replace(
                 outcome,
                 result=Result.PENDING,
@@ -883,7 +895,11 @@ class Pusher:
                 lease.invoice_token, Result.PENDING, entry.invoice_number, message=f"Nuntiq: {exc}"
             )
         except Exception as exc:  # a bug must not lose the batch: journal keeps the state
-            log.exception("unexpected error delivering %s", lease.invoice_token)
+            log.exception(
+                "unexpected error delivering %s",
+                lease.invoice_token,
+                extra={"invoice_token": lease.invoice_token},
+            )
             return Outcome(
                 lease.invoice_token,
                 Result.PENDING,
@@ -893,4 +909,5 @@ class Pusher:
 
     def _record(self, outcome: Outcome) -> None:
         self.report.add(outcome)
+        logs.invoice(outcome)
         self.on_outcome(outcome)

@@ -154,20 +154,21 @@ class RunReport(CommandReport):
     # --- output ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self._head(), "invoices": [_outcome_dict(o) for o in self.outcomes]}
+        return {**self.header(), "invoices": [_outcome_dict(o) for o in self.outcomes]}
 
     def json_chunks(self) -> Iterator[str]:
         # A drain of many thousand invoices would otherwise hold every invoice's dict and
         # the whole document at once at its very end: its peak memory would grow with N.
         # The same text as to_dict's, written an invoice at a time ("invoices" is last).
-        head = _json_text(self._head())
+        head = _json_text(self.header())
         yield head[:-1] + ', "invoices": ['  # the head is never empty: '{..., '
 
         for i, outcome in enumerate(self.outcomes):
             yield (", " if i else "") + _json_text(_outcome_dict(outcome))
         yield "]}"
 
-    def _head(self) -> dict[str, Any]:
+    def header(self) -> dict[str, Any]:
+        """Everything but the invoices (each invoice is an event of its own in the logs)."""
         return {
             "command": self.command,
             "started_at": _iso(self.started_at),

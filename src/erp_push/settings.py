@@ -261,6 +261,18 @@ class Config(BaseModel):
         "(NFC-normalized). ascii: only A-Z, a-z, 0-9, - and _ are kept, the rest becomes _, "
         "for servers that mangle non-ASCII names.",
     )
+    # Monitoring
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines on stderr: text for people, or json (one JSON object per "
+        "line, for log collectors). --log-format overrides it.",
+    )
+    metrics_file: Path | None = Field(
+        default=None,
+        description="Prometheus textfile-collector file push rewrites at the end of every "
+        "run (e.g. /var/lib/node_exporter/textfile/erp_push.prom). Unset: none. "
+        "--metrics-file overrides it.",
+    )
 
     @field_validator("nuntiq_base_url")
     @classmethod
@@ -933,6 +945,8 @@ def _resolve_paths(settings: Settings, base: Path) -> tuple[Settings, dict[str, 
         update["sftp_known_hosts"] = resolve("sftp_known_hosts", c.sftp_known_hosts)
     if c.sftp_private_key_path is not None:
         update["sftp_private_key_path"] = resolve("sftp_private_key_path", c.sftp_private_key_path)
+    if c.metrics_file is not None:
+        update["metrics_file"] = resolve("metrics_file", c.metrics_file)
     return settings.model_copy(update={"config": c.model_copy(update=update)}), unresolved
 
 
@@ -948,3 +962,34 @@ def _unexpandable(value: Path) -> str:
             "absolute path (or set HOME or XDG_STATE_HOME)"
         )
     return f"{_show(str(value))} starts with ~, but {why}; use an absolute path"
+
+
+# --- what must work when the settings do not ------------------------------------------
+
+
+def peek(path: Path | None, json_key: str) -> str | None:
+    """One key's raw value, from ``ERP_PUSH_<KEY>`` or else the settings file, validating
+    nothing and raising nothing: for what a run that stops at bad settings still honours
+    (its log format and metrics file). A relative path is returned relative to the
+    settings file's folder, as ``load_settings`` resolves it."""
+    value = os.environ.get(env_var_for(json_key), "")
+    file = DEFAULT_SETTINGS_FILE if path is None else path
+    if not value:
+        try:
+            with file.open(encoding="utf-8-sig") as handle:
+                data: Any = json.load(handle)
+            for part in json_key.split("."):
+                data = data.get(part) if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+        value = data if isinstance(data, str) else ""
+    if not value:
+        return None
+    if _field_info(json_key).annotation in (Path, Path | None):
+        try:
+            resolved = Path(value).expanduser()
+        except RuntimeError:
+            return None
+        base = file.parent.absolute() if file.is_file() else Path.cwd()
+        return str(resolved if resolved.is_absolute() else base / resolved)
+    return value

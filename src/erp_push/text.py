@@ -12,7 +12,8 @@ isolate characters (which reorder what follows them) are shown as escapes (``\\x
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from urllib.parse import quote
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _NOT_C0 = "\x7f-\x9f\u202a-\u202e\u2066-\u2069"  # DEL, C1, bidi embeddings/overrides/isolates
@@ -20,6 +21,7 @@ _UNPRINTABLE = re.compile(f"[\x00-\x1f{_NOT_C0}]")
 # json.dumps escapes C0 itself; the line breaks of an indented document must stay.
 _UNPRINTABLE_IN_JSON = re.compile(f"[{_NOT_C0}]")
 ELLIPSIS = "…"
+REDACTED = "***"
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -67,3 +69,18 @@ def shorten(text: str, limit: int, *, measure: Callable[[str], int] = len) -> st
             break
         kept.append(char)
     return "".join(kept) + ELLIPSIS
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret cut out, as is and in the escaped forms a repr, a bytes
+    repr or a URL gives it: a server or library echoing a key must not spread it."""
+    for secret in secrets:
+        for form in {
+            secret,
+            repr(secret)[1:-1],
+            repr(secret.encode())[2:-1],
+            quote(secret, safe=""),
+        }:
+            if form:
+                text = text.replace(form, REDACTED)
+    return text

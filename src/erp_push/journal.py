@@ -272,6 +272,9 @@ class Journal:
 
         If the invoice was delivered under an earlier lease that lapsed, its step stays
         PUBLISHED (or later) and remote_path stays set: the pipeline then skips the upload.
+        Unless a re-send was asked for (``request_resend``): then it starts over from
+        CLAIMED, and the entry returned says ``resend`` (the mark is used up only when
+        the fresh file is in place, ``record_resent``).
         """
         with self._transaction():
             prior = self.get(lease.invoice_token)

@@ -276,7 +276,10 @@ class StatusReport(CommandReport):
                 label="re-send:",
             )
         if not self.runs_recorded:
-            screen.say("runs: none recorded yet (this journal's runs are recorded from now on)")
+            screen.say(
+                "runs: none recorded (a journal from an earlier erp-push: the next push "
+                "starts recording them)"
+            )
         elif not self.runs:
             screen.say("runs: none recorded yet")
         else:

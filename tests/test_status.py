@@ -469,3 +469,25 @@ def test_a_sigkill_during_the_resent_publish_makes_no_third_copy(
         assert [r.remote_path for r in journal.resends(token)] == [new_path]
     finally:
         journal.close()
+
+
+def test_prune_forgets_old_runs_and_done_resends_but_keeps_an_open_one(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "state")
+    try:
+        journal.record_run_started("push")
+        journal.request_resend("open-one")
+        journal.request_resend("done-one")
+        journal.record_resent("done-one", "/outbox/X-2.csv")
+        long_ago = (datetime.now(UTC) - timedelta(days=91)).isoformat()
+        db = sqlite3.connect(journal.path)
+        db.execute("UPDATE runs SET started_at = ?", (long_ago,))
+        db.execute("UPDATE resends SET requested_at = ?, done_at = ?", (long_ago, long_ago))
+        db.execute("UPDATE resends SET done_at = NULL WHERE invoice_token = 'open-one'")
+        db.commit()
+        db.close()
+        journal.prune()
+        assert [r.invoice_token for r in journal.open_resends()] == ["open-one"]
+        assert journal.resends("done-one") == []
+    finally:
+        journal.close()
+    assert read_status(tmp_path / "state").runs == []

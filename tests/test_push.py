@@ -332,9 +332,13 @@ def test_secrets_never_appear_in_any_output(
             run_cli("--debug", "render", tokens[1], "--settings", str(settings)),
             run_cli("--debug", "render", tokens[0], "--settings", str(settings)),  # a tab
             run_cli("push", "--settings", str(bad)),
+            run_cli("--debug", "resend", tokens[2], "--yes", "--settings", str(settings)),
+            run_cli("--debug", "status", "--settings", str(settings), "--json"),  # the runs
         ]
-    assert [o.returncode for o in outputs] == [5, 5, 1, 0, 0, 1, 3]
+    assert [o.returncode for o in outputs] == [5, 5, 1, 0, 0, 1, 3, 0, 0]
     everything = "\n".join(o.stdout + o.stderr for o in outputs)
+    # The journal too: `status` shows why each run stopped, from what the journal kept.
+    everything += (tmp_path / "state" / "journal.sqlite3").read_bytes().decode(errors="replace")
     assert "DEBUG" in everything  # the debug logs really were produced and searched
     assert API_KEY_SECRET not in everything
     assert SFTP_PASSWORD_SECRET not in everything

@@ -65,8 +65,8 @@ CHUNK_SIZE = 64 * 1024
 ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short JSON)
 # The client's own defaults, for use on its own (tests, tooling); settings.Config takes
 # nuntiq_timeout_seconds and max_invoice_bytes from here rather than restating them.
-DEFAULT_TIMEOUT_SECONDS = 30.0
-DEFAULT_MAX_REPLY_BYTES = 20_000_000
+DEFAULT_TIMEOUT_SECONDS = wire.DEFAULT_TIMEOUT_SECONDS
+DEFAULT_MAX_REPLY_BYTES = wire.DEFAULT_MAX_REPLY_BYTES
 DEFAULT_MAX_CONNECTIONS = 10
 # The loggers httpx and httpcore narrate requests on (at DEBUG, with reason phrases and
 # response headers, which a hostile server can fill with whatever it was sent).

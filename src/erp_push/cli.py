@@ -298,6 +298,8 @@ class Terminated(BaseException):
     Ctrl-C. A BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows
     it; not a KeyboardInterrupt, so click does not turn it into "Aborted!" and exit 1."""
 
+    exit_code = TERMINATED  # what the journal records for the run (commands.push)
+
 
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     # A second SIGTERM while the run winds down ends the process at once.
@@ -630,6 +632,87 @@ def cleanup_tmp(
     report = _guarded(
         lambda: commands.cleanup_tmp(cfg, older_than=timedelta(minutes=older_than), dry_run=dry_run)
     )
+    _show_and_exit(report, as_json=as_json)
+
+
+# --- status and resend: the journal -----------------------------------------------------
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def status(
+    runs: Annotated[
+        int, typer.Option("--runs", min=1, max=1000, help="How many of the last runs to show.")
+    ] = 10,
+    as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show what the journal knows: unfinished invoices (how far each got and what it
+    waits for), the last runs and how they ended, the last successful run.
+
+    Reads the journal in state_dir only: no network, changes nothing.
+
+    Example: [bold]erp-push status --json[/bold]
+    """
+    from erp_push import status as journal_status
+
+    cfg = _begin(settings, set(), verbose=verbose, debug=debug)
+    state_dir = Path(cfg.config.state_dir)
+    if not state_dir.is_absolute():  # a "~" that has no home folder to stand for
+        from erp_push.settings import Need
+
+        _begin(settings, {Need.STATE}, verbose=verbose, debug=debug)  # names the problem
+    report = _guarded(lambda: journal_status.read_status(state_dir, runs=runs))
+    _show_and_exit(report, as_json=as_json)
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def resend(
+    invoice_token: Annotated[str, typer.Argument(help="The invoice's token (UUID).")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask (needed when not on a terminal).")
+    ] = False,
+    as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Mark an invoice for a deliberate re-send: the next push that claims it uploads a
+    fresh file under a new name, beside the earlier one (never over it).
+
+    Does NOT put the invoice back into Nuntiq's queue: do that in Nuntiq. Asks first on
+    a terminal; elsewhere it needs --yes.
+
+    Example: [bold]erp-push resend 3f2b...-uuid --yes[/bold]
+    """
+    from erp_push import status as journal_status
+    from erp_push.settings import Need
+
+    problem = journal_status.token_problem(invoice_token)
+    if problem is not None:
+        _say(f"{printable(invoice_token)!r} is not an invoice token: {problem}", label="error:")
+        raise typer.Exit(2)
+    if not yes and not sys.stdin.isatty():
+        _say(
+            "resend changes what the next push uploads: confirm with --yes when not on a "
+            "terminal (nothing was marked)",
+            label="error:",
+            style="bold red",
+        )
+        raise typer.Exit(2)
+    cfg = _begin(settings, {Need.STATE}, verbose=verbose, debug=debug)
+    if not yes:
+        question = (
+            f"Re-send invoice {printable(invoice_token)}? The next push that claims it uploads a "
+            "fresh file under a new name. This does not re-queue it in Nuntiq (do that in "
+            "Nuntiq)."
+        )
+        if not typer.confirm(question, default=False, err=True):
+            _say("nothing was marked", label="cancelled:")
+            raise typer.Exit(1)
+    state_dir = Path(cfg.config.state_dir)
+    report = _guarded(lambda: journal_status.request_resend(state_dir, invoice_token))
     _show_and_exit(report, as_json=as_json)
 
 

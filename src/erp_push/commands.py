@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from erp_push import logs
+from erp_push import logs, status
 from erp_push.claim import NuntiqClient
 from erp_push.errors import RenderError, SftpError, SftpOperationError
 from erp_push.journal import Journal
@@ -97,14 +97,25 @@ def push(
     client = nuntiq or nuntiq_client(settings)
     journal = Journal(Path(settings.config.state_dir))
     try:
-        return Pusher(
+        # The run is recorded for `erp-push status` under its lock, so a recorded run
+        # without an end is either still going (its lock is held) or was killed.
+        journal.start_run()
+        status.record_run_started(journal, "push")
+        pusher = Pusher(
             nuntiq=client,
             connect_sftp=connect_sftp or sftp_connector(settings),
             journal=journal,
             plan=settings.push_plan(drain=drain, max_invoices=max_invoices),
             on_outcome=on_outcome,
             on_claimed=on_claimed,
-        ).run()
+        )
+        try:
+            report = pusher.run()
+        except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: still how the run ended
+            status.record_run_finished(journal, pusher.report, exc)
+            raise
+        status.record_run_finished(journal, report)
+        return report
     finally:
         journal.close()
         if nuntiq is None:

@@ -25,6 +25,10 @@ class ExitCode(IntEnum):
     SETTINGS = 3  # bad or missing settings; nothing was done
     NUNTIQ = 4  # Nuntiq unreachable or refusing (auth, permissions, protocol)
     SFTP = 5  # SFTP server unreachable or refusing (host key, login, folders)
+    # Not errors of this tree, but the codes a run ends with all the same (cli.py).
+    INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in erp-push
+    INTERRUPTED = 130  # Ctrl-C
+    TERMINATED = 143  # SIGTERM
 
 
 class FailureCode(StrEnum):

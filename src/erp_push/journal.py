@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -62,6 +63,9 @@ class Entry:
     failure_code: str | None
     failure_message: str | None
     updated_at: datetime
+    # A deliberate re-send was asked for (`erp-push resend`) and this claim carries it
+    # out: earlier files, in the journal or the folders, do not count as delivered.
+    resend: bool = False
 
     @property
     def failed(self) -> bool:
@@ -94,6 +98,72 @@ CREATE TABLE IF NOT EXISTS invoices (
 );
 CREATE INDEX IF NOT EXISTS invoices_open ON invoices (step) WHERE step != 'reported';
 """
+
+# Each entry brings the schema from one version (PRAGMA user_version) to the next, in one
+# transaction with the version bump, so a journal written by an older erp-push is
+# migrated when a newer one opens it. The invoices table itself is never changed: an
+# older erp-push can still open a migrated journal and finish what it holds.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: runs (for `erp-push status`) and deliberate re-sends (`erp-push resend`)
+    (
+        """CREATE TABLE IF NOT EXISTS runs (
+            run_id      TEXT PRIMARY KEY,
+            command     TEXT NOT NULL,
+            pid         INTEGER NOT NULL,
+            started_at  TEXT NOT NULL,
+            finished_at TEXT,
+            exit_code   INTEGER,
+            claimed     INTEGER,
+            recovered   INTEGER,
+            counts      TEXT,
+            error       TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at)",
+        """CREATE TABLE IF NOT EXISTS resends (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            invoice_token TEXT NOT NULL,
+            requested_at  TEXT NOT NULL,
+            previous_path TEXT,
+            target_path   TEXT,
+            run_id        TEXT,
+            remote_path   TEXT,
+            done_at       TEXT
+        )""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS resends_open ON resends (invoice_token)"
+        " WHERE done_at IS NULL",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+# Runs are kept as long as finished invoices are: what `status` can look back on.
+KEEP_FINISHED = timedelta(days=90)
+
+
+@dataclass(frozen=True)
+class Resend:
+    """A deliberate re-send an operator asked for, and what became of it."""
+
+    invoice_token: str
+    requested_at: datetime
+    previous_path: str | None  # where the journal last knew the invoice's file
+    target_path: str | None  # the fresh file's path, written just before it became visible
+    remote_path: str | None  # where the fresh file landed (None while it is still open)
+    done_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One `erp-push push` as the journal saw it: started, and (unless it was killed) ended."""
+
+    run_id: str
+    command: str
+    pid: int
+    started_at: datetime
+    finished_at: datetime | None
+    exit_code: int | None
+    claimed: int | None
+    recovered: int | None
+    counts: dict[str, int]
+    error: str | None
 
 
 def _now() -> datetime:
@@ -136,6 +206,7 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self._db.executescript(_SCHEMA)
+        _migrate(self._db)
         _prove_writable(self._db, state_dir / "runs", self.path)
         self._run_lock: IO[str] | None = None
         self.run_id = uuid.uuid4().hex
@@ -144,6 +215,8 @@ class Journal:
 
     def start_run(self) -> None:
         """Hold this run's lock file until close(): a live lock marks our rows as taken."""
+        if self._run_lock is not None:
+            return  # already held (the push command takes it before it records the run)
         path = self.state_dir / "runs" / f"{self.run_id}.lock"
         lock = open(path, "w", opener=_private_opener)  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -183,14 +256,14 @@ class Journal:
             row = self._db.execute(
                 "SELECT * FROM invoices WHERE invoice_token = ?", (invoice_token,)
             ).fetchone()
-        return _entry(row) if row else None
+        return entry_from_row(row) if row else None
 
     def unfinished(self) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM invoices WHERE step != 'reported' ORDER BY updated_at"
             ).fetchall()
-        return [_entry(r) for r in rows]
+        return [entry_from_row(r) for r in rows]
 
     # --- writes: one committed row update per step ------------------------------------
 
@@ -199,9 +272,13 @@ class Journal:
 
         If the invoice was delivered under an earlier lease that lapsed, its step stays
         PUBLISHED (or later) and remote_path stays set: the pipeline then skips the upload.
+        Unless a re-send was asked for (``request_resend``): then it starts over from
+        CLAIMED, and the entry returned says ``resend`` (the mark is used up only when
+        the fresh file is in place, ``record_resent``).
         """
         with self._transaction():
             prior = self.get(lease.invoice_token)
+            resend = self._open_resend(lease.invoice_token) is not None
             if prior is None:
                 self._db.execute(
                     "INSERT INTO invoices (invoice_token, lease_token, lease_expires_at, run_id,"
@@ -216,11 +293,13 @@ class Journal:
                     ),
                 )
             else:
-                # A delivered file stays delivered; anything before that starts over.
-                step = Step.PUBLISHED if prior.delivered else Step.CLAIMED
+                # A delivered file stays delivered; anything before that starts over. A
+                # re-send asked for starts over too: the earlier path is in its mark.
+                step = Step.PUBLISHED if prior.delivered and not resend else Step.CLAIMED
                 self._db.execute(
                     "UPDATE invoices SET lease_token = ?, lease_expires_at = ?, run_id = ?,"
-                    " step = ?, failure_code = NULL, failure_message = NULL, updated_at = ?"
+                    " step = ?, failure_code = NULL, failure_message = NULL, updated_at = ?,"
+                    " remote_path = CASE WHEN ? THEN NULL ELSE remote_path END"
                     " WHERE invoice_token = ?",
                     (
                         lease.lease_token,
@@ -228,12 +307,13 @@ class Journal:
                         self.run_id,
                         step,
                         _iso(_now()),
+                        resend,
                         lease.invoice_token,
                     ),
                 )
         entry = self.get(lease.invoice_token)
         assert entry is not None
-        return entry
+        return replace(entry, resend=True) if resend else entry
 
     def adopt(self, entry: Entry) -> Entry | None:
         """Take over a dead run's row. None if another live run got there first."""
@@ -281,14 +361,130 @@ class Journal:
     def record_reported(self, invoice_token: str) -> None:
         self._update(invoice_token, step=Step.REPORTED)
 
-    def prune(self, older_than: timedelta = timedelta(days=90)) -> int:
-        """Forget finished invoices after a while; unfinished ones are kept forever."""
+    def prune(self, older_than: timedelta = KEEP_FINISHED) -> int:
+        """Forget finished invoices after a while; unfinished ones are kept forever.
+
+        Runs and done re-sends older than that go too (an open re-send is kept).
+        """
+        cutoff = _iso(_now() - older_than)
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM invoices WHERE step = 'reported' AND updated_at < ?",
-                (_iso(_now() - older_than),),
+                "DELETE FROM invoices WHERE step = 'reported' AND updated_at < ?", (cutoff,)
+            )
+            self._db.execute("DELETE FROM runs WHERE started_at < ?", (cutoff,))
+            self._db.execute(
+                "DELETE FROM resends WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,)
             )
         return cur.rowcount
+
+    # --- runs: what `erp-push status` shows -------------------------------------------
+
+    def record_run_started(self, command: str) -> None:
+        """This run began. A run killed outright keeps this row without an end."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO runs (run_id, command, pid, started_at) VALUES (?, ?, ?, ?)",
+                (self.run_id, command, os.getpid(), _iso(_now())),
+            )
+
+    def record_run_finished(
+        self,
+        *,
+        exit_code: int,
+        claimed: int,
+        recovered: int,
+        counts: dict[str, int],
+        error: str | None,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET finished_at = ?, exit_code = ?, claimed = ?, recovered = ?,"
+                " counts = ?, error = ? WHERE run_id = ?",
+                (
+                    _iso(_now()),
+                    exit_code,
+                    claimed,
+                    recovered,
+                    json.dumps(counts, sort_keys=True),
+                    error,
+                    self.run_id,
+                ),
+            )
+
+    # --- deliberate re-sends ------------------------------------------------------------
+
+    def request_resend(self, invoice_token: str) -> tuple[Resend, bool]:
+        """Mark ``invoice_token`` for a fresh upload by the next push that claims it.
+
+        Returns the open mark and whether it is new (False: it was marked already).
+        """
+        with self._transaction():
+            existing = self._open_resend(invoice_token)
+            if existing is None:
+                prior = self.get(invoice_token)
+                self._db.execute(
+                    "INSERT INTO resends (invoice_token, requested_at, previous_path)"
+                    " VALUES (?, ?, ?)",
+                    (invoice_token, _iso(_now()), prior.remote_path if prior else None),
+                )
+            mark = self._open_resend(invoice_token)
+        assert mark is not None
+        return mark, existing is None
+
+    def open_resends(self) -> list[Resend]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {RESEND_COLUMNS} FROM resends WHERE done_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [resend_from_row(r) for r in rows]
+
+    def resends(self, invoice_token: str) -> list[Resend]:
+        """Every re-send of ``invoice_token``, oldest first (done and open)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {RESEND_COLUMNS} FROM resends WHERE invoice_token = ? ORDER BY id",
+                (invoice_token,),
+            ).fetchall()
+        return [resend_from_row(r) for r in rows]
+
+    def resend_target(self, invoice_token: str) -> str | None:
+        """Where an earlier attempt of the open re-send was about to publish, if any."""
+        mark = self._open_resend(invoice_token)
+        return mark.target_path if mark else None
+
+    def record_resend_target(self, invoice_token: str, remote_path: str) -> None:
+        """Committed just before the fresh file becomes visible as ``remote_path``: after a
+        crash, a file there with the same bytes is this re-send's, not a reason for
+        another."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE resends SET target_path = ?, run_id = ?"
+                " WHERE invoice_token = ? AND done_at IS NULL",
+                (remote_path, self.run_id, invoice_token),
+            )
+
+    def record_resent(self, invoice_token: str, remote_path: str) -> None:
+        """The fresh file is in place: PUBLISHED and the mark consumed, in one commit."""
+        now = _iso(_now())
+        with self._transaction():
+            self._db.execute(
+                "UPDATE invoices SET step = ?, remote_path = ?, updated_at = ?"
+                " WHERE invoice_token = ?",
+                (Step.PUBLISHED, remote_path, now, invoice_token),
+            )
+            self._db.execute(
+                "UPDATE resends SET remote_path = ?, done_at = ?, run_id = ?"
+                " WHERE invoice_token = ? AND done_at IS NULL",
+                (remote_path, now, self.run_id, invoice_token),
+            )
+
+    def _open_resend(self, invoice_token: str) -> Resend | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {RESEND_COLUMNS} FROM resends WHERE invoice_token = ? AND done_at IS NULL",
+                (invoice_token,),
+            ).fetchone()
+        return resend_from_row(row) if row else None
 
     # --- internals --------------------------------------------------------------------
 
@@ -313,7 +509,38 @@ class Journal:
             self._db.execute("COMMIT")
 
 
-# --- opening: folders, modes, the write probe -----------------------------------------
+# --- opening: folders, modes, migrations, the write probe ------------------------------
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older journal's schema up to SCHEMA_VERSION (see _MIGRATIONS)."""
+    db.execute("BEGIN IMMEDIATE")  # two processes opening an old journal migrate it once
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        for number in range(int(version), SCHEMA_VERSION):
+            for statement in _MIGRATIONS[number]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number + 1}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def run_lock_held(state_dir: Path, run_id: str) -> bool:
+    """Is run ``run_id``'s process alive (it holds its lock file)? Changes nothing, so
+    a reader such as ``status`` can ask (``Journal.run_is_alive`` also tidies up)."""
+    try:
+        fd = os.open(state_dir / "runs" / f"{run_id}.lock", os.O_RDONLY)
+    except OSError:
+        return False  # ended cleanly (it removed its lock), or never took one
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases our shared lock, if we got it
+    return False
 
 
 def _prepare(state_dir: Path, journal: Path) -> None:
@@ -385,7 +612,43 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _entry(row: tuple[object, ...]) -> Entry:
+RESEND_COLUMNS = "invoice_token, requested_at, previous_path, target_path, remote_path, done_at"
+
+
+def resend_from_row(row: tuple[object, ...]) -> Resend:
+    """A ``resends`` row (``SELECT`` of RESEND_COLUMNS)."""
+    token, requested, previous, target, path, done = row
+    return Resend(
+        invoice_token=str(token),
+        requested_at=datetime.fromisoformat(str(requested)),
+        previous_path=None if previous is None else str(previous),
+        target_path=None if target is None else str(target),
+        remote_path=None if path is None else str(path),
+        done_at=None if done is None else datetime.fromisoformat(str(done)),
+    )
+
+
+def run_from_row(row: tuple[object, ...]) -> RunRecord:
+    """A ``runs`` row (``SELECT *``)."""
+    (run_id, command, pid, started, finished, code, claimed, recovered, counts, error) = row
+    return RunRecord(
+        run_id=str(run_id),
+        command=str(command),
+        pid=int(str(pid)),
+        started_at=datetime.fromisoformat(str(started)),
+        finished_at=None if finished is None else datetime.fromisoformat(str(finished)),
+        exit_code=None if code is None else int(str(code)),
+        claimed=None if claimed is None else int(str(claimed)),
+        recovered=None if recovered is None else int(str(recovered)),
+        counts={}
+        if counts is None
+        else {str(k): int(v) for k, v in json.loads(str(counts)).items()},
+        error=None if error is None else str(error),
+    )
+
+
+def entry_from_row(row: tuple[object, ...]) -> Entry:
+    """An ``invoices`` row (``SELECT *``)."""
     (token, lease, expires, run_id, step, number, name, sha, path, code, message, updated) = row
     return Entry(
         invoice_token=str(token),

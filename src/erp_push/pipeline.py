@@ -93,6 +93,8 @@ DEADLINE_GRACE_SECONDS = 60
 # The outcome of an invoice whose lease lapsed at Nuntiq before we finished: it comes
 # back through claim, in this run or a later one.
 LEASE_LAPSED = "lease lapsed before the result was reported; the next run finishes it"
+# The note on a deliberate re-send's outcome (`erp-push resend`).
+RESENT = "re-sent on request: a fresh file beside the earlier one"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,7 +432,7 @@ class InvoiceWorker:
                 message=f"not uploaded: {self.health.refusing}",
             )
         try:
-            delivery = self._publish(file, lease)
+            delivery = self._publish(file, lease, resend=entry.resend)
         except LeaseLapsing as exc:
             return Outcome(token, Result.PENDING, file.invoice_number, message=str(exc))
         except SftpOperationError as exc:
@@ -453,17 +455,21 @@ class InvoiceWorker:
                 message=truncate(str(exc)),
             )
         self.health.published()
-        self.journal.record_published(token, delivery.remote_path)
+        if entry.resend:
+            self.journal.record_resent(token, delivery.remote_path)  # the mark is used up
+        else:
+            self.journal.record_published(token, delivery.remote_path)
         self.checkpoint("published_recorded")
         result = Result.ALREADY_DELIVERED if delivery.already_delivered else Result.DELIVERED
-        return Outcome(token, result, file.invoice_number, delivery.remote_path)
+        note = RESENT if entry.resend else None
+        return Outcome(token, result, file.invoice_number, delivery.remote_path, message=note)
 
     @staticmethod
     def _lease_too_short(lease: Lease) -> bool:
         """Uploading on a lease about to lapse risks another run holding the invoice."""
         return lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC)
 
-    def _publish(self, file: RenderedFile, lease: Lease) -> Delivery:
+    def _publish(self, file: RenderedFile, lease: Lease, *, resend: bool = False) -> Delivery:
         """Publish ``file``, once: after a dropped connection, look before uploading again.
 
         ``publish`` itself first looks for an identical file under the invoice's names
@@ -471,6 +477,10 @@ class InvoiceWorker:
         published just before the connection dropped, and uploads nothing. The lease is
         asked at the last moment before anything becomes visible to the ERP, on the
         first try and on the retry alike.
+
+        A deliberate re-send (``resend``) looks only for its own fresh file, where an
+        earlier try was about to publish it (the journal has the name), and otherwise
+        publishes beside the earlier files, never treating them as delivered.
         """
         from erp_push import publish
 
@@ -480,8 +490,16 @@ class InvoiceWorker:
             mode=self.plan.publish_mode,
         )
 
+        token = lease.invoice_token
+
         def attempt() -> Delivery:
             with self.sessions.session() as sftp:
+                if resend:
+                    target = self.journal.resend_target(token)
+                    name = target.rpartition("/")[2] if target else None
+                    landed = name and publish.find_at(sftp, drop, name, file.body)
+                    if landed:  # an earlier try died after publishing, before journaling
+                        return publish.Delivery(remote_path=landed, already_delivered=True)
                 return publish.publish(
                     sftp,
                     drop,
@@ -489,6 +507,9 @@ class InvoiceWorker:
                     traits=self.sessions.traits,
                     may_publish=lambda: not self._lease_too_short(lease),
                     on_checkpoint=self.checkpoint,
+                    fresh=(lambda path: self.journal.record_resend_target(token, path))
+                    if resend
+                    else None,
                 )
 
         retries_left = PUBLISH_RETRIES

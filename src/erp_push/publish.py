@@ -23,6 +23,12 @@ its own case rules (a Windows server reports ``ABC.CSV`` for ``abc.csv``).
 Before step 4 (or the exclusive create of ``direct`` mode) the caller's ``may_publish``
 is asked whether the invoice's lease still has its safety margin: a file written by a
 run that stalled past its lease is removed, never made visible.
+
+A deliberate re-send (``erp-push resend``) publishes with ``fresh``: identical files
+under the invoice's names are then only taken names, never proof of delivery, so the
+file lands under the next free name beside the earlier one; ``fresh`` is told each name
+just before the file can become visible under it, so that after a crash the caller
+knows which identical file is the re-send's own (``find_at``) and does not send a third.
 """
 
 from __future__ import annotations
@@ -184,6 +190,7 @@ def _look(
     file: RenderedFile,
     *,
     also: Callable[[Exchange], None] | None = None,
+    compare: bool = True,
 ) -> Lookup:
     """Stat the invoice's names, a round trip per wave, and compare same-sized files.
 
@@ -192,10 +199,13 @@ def _look(
     first name is taken costs more waves. Nothing is listed. The names of the other
     file_name_charset are looked at too (only for numbers where they differ), so that
     changing the setting, or upgrading from before it, never delivers a file twice.
+    Without ``compare`` (a re-send) only today's names are looked at, and a taken name
+    is only taken.
     """
-    families = [_Family(name) for name in day_names(file.file_name)]
+    days = LOOKBACK_DAYS if compare else 0
+    families = [_Family(name) for name in day_names(file.file_name, days)]
     if file.other_name is not None:
-        families += [_Family(name) for name in day_names(file.other_name)]
+        families += [_Family(name) for name in day_names(file.other_name, days)]
     first_wave = True
     compared: set[str] = set()
     while True:
@@ -223,7 +233,7 @@ def _look(
         for family in families:
             for taken in family.taken.values():
                 for path, found in taken:
-                    if path in compared or found.size != len(file.body):
+                    if not compare or path in compared or found.size != len(file.body):
                         continue
                     compared.add(path)
                     if holds(session, path, file.body):
@@ -238,6 +248,19 @@ def holds(session: SftpSession, path: str, body: bytes) -> bool:
         log.debug("cannot compare %s: %s", path, exc.message)
         return False
     return data == body
+
+
+def find_at(session: SftpSession, drop: Drop, name: str, body: bytes) -> str | None:
+    """Path of the file called ``name`` in the outbox or sent/ if it holds ``body``."""
+    with session.exchange(f"looking for {name}") as batch:
+        replies = [
+            (posixpath.join(folder, name), batch.stat(posixpath.join(folder, name)))
+            for folder in drop.folders
+        ]
+    for path, reply in replies:
+        if reply.ok and holds(session, path, body):
+            return path
+    return None
 
 
 def find_delivered(session: SftpSession, drop: Drop, file: RenderedFile) -> str | None:
@@ -274,6 +297,7 @@ def publish(
     traits: ServerTraits | None = None,
     may_publish: Callable[[], bool] | None = None,
     on_checkpoint: Checkpoint | None = None,
+    fresh: Callable[[str], None] | None = None,
 ) -> Delivery:
     """Put ``file`` into the outbox under a free name, never overwriting anything.
 
@@ -284,6 +308,8 @@ def publish(
     SftpUnreachable when the connection is lost: the file may or may not have been
     published, so call ``publish`` again on a new session; it looks for the identical
     file before writing anything. ``on_checkpoint`` is a test hook called at each step.
+    ``fresh``: a deliberate re-send (see the module docstring); it is called with each
+    final path before the file may become visible there.
     """
     publishing = _Publishing(
         session,
@@ -292,6 +318,7 @@ def publish(
         traits or ServerTraits(),
         may_publish or (lambda: True),
         on_checkpoint or (lambda _name: None),
+        fresh,
     )
     if drop.mode == "direct":
         return publishing.direct()
@@ -309,6 +336,7 @@ class _Publishing:
         traits: ServerTraits,
         may_publish: Callable[[], bool],
         on_checkpoint: Checkpoint,
+        fresh: Callable[[str], None] | None = None,
     ) -> None:
         self.session = session
         self.drop = drop
@@ -316,6 +344,7 @@ class _Publishing:
         self.traits = traits
         self.may_publish = may_publish
         self.checkpoint = on_checkpoint
+        self.fresh = fresh
         self.tmp = self._fresh_tmp_name()
         self.tmp_exists = False
 
@@ -335,6 +364,7 @@ class _Publishing:
                 self.drop,
                 self.file,
                 also=lambda batch: created.append(batch.create(self.tmp)),
+                compare=self.fresh is None,
             )
             handle = self._created(created[0])
             if found.identical is not None:
@@ -374,10 +404,12 @@ class _Publishing:
             # since we looked: the rename must not be what finds out, as it may overwrite.
             rival = self._taken(name)
             if rival is None:
+                if self.fresh is not None:
+                    self.fresh(final)
                 if self._publish_as(final):
                     return Delivery(remote_path=final, already_delivered=False)
                 rival = final  # taken between our look and the link or rename
-            if holds(self.session, rival, self.file.body):
+            if self.fresh is None and holds(self.session, rival, self.file.body):
                 self._discard_tmp()  # a concurrent run delivered the same invoice
                 return Delivery(remote_path=rival, already_delivered=True)
             log.debug("%s was taken meanwhile; trying the next name", name)
@@ -502,7 +534,7 @@ class _Publishing:
 
     def direct(self) -> Delivery:
         """For servers that forbid rename: write the final name itself. NOT atomic."""
-        found = _look(self.session, self.drop, self.file)
+        found = _look(self.session, self.drop, self.file, compare=self.fresh is None)
         if found.identical is not None:
             return Delivery(remote_path=found.identical, already_delivered=True)
         looked_free = set(found.today.free())
@@ -511,6 +543,8 @@ class _Publishing:
             if name not in looked_free and self._taken(name) is not None:
                 continue
             self._check_lease()
+            if self.fresh is not None:
+                self.fresh(final)
             with self.session.exchange(f"creating {final}") as batch:
                 # Exclusive create: if the name appeared since we looked, the open fails
                 # instead of truncating someone else's file.

@@ -45,7 +45,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from erp_push import claim, wire
+from erp_push import wire
 from erp_push.errors import JournalUnusable, SettingsError
 from erp_push.journal import Journal
 from erp_push.render import FieldKeys, FileNameCharset, FormulaGuard, RenderRules
@@ -138,14 +138,14 @@ class Config(BaseModel):
         "https is required except for loopback hosts.",
     )
     nuntiq_timeout_seconds: float = Field(
-        default=claim.DEFAULT_TIMEOUT_SECONDS,
+        default=wire.DEFAULT_TIMEOUT_SECONDS,
         gt=0,
         le=600,
         description="Timeout of each Nuntiq HTTP request as a whole, from connecting to "
         "its last byte.",
     )
     max_invoice_bytes: int = Field(
-        default=claim.DEFAULT_MAX_REPLY_BYTES,
+        default=wire.DEFAULT_MAX_REPLY_BYTES,
         ge=100_000,
         le=2_000_000_000,
         description="Largest invoice answer read from Nuntiq, in bytes; a larger one fails "

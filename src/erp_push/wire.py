@@ -32,6 +32,10 @@ from erp_push.text import shorten
 AUTH_HEADER = "X-API-Key"  # [ours, shaped after the documented Partner API]
 RETRY_AFTER_HEADER = "Retry-After"  # [ours] seconds (an HTTP-date is accepted too)
 LOOPBACK_NAMES = frozenset({"localhost"})  # [ours] with 127.0.0.0/8 and ::1
+# The Nuntiq client's defaults (claim.py), kept here so that settings can take them
+# without importing the HTTP library: `erp-push status` loads settings and never httpx.
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DEFAULT_MAX_REPLY_BYTES = 20_000_000
 
 
 def base_url_problem(base_url: str) -> str | None:

@@ -50,7 +50,9 @@ app = typer.Typer(
     help="Move invoices from Nuntiq into an ERP's SFTP drop folder, exactly once.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: typer's, cheap (no shell is detected
+    # unless one of them is given).
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
@@ -122,14 +124,18 @@ def _main(
     _configure_logging(verbose=verbose, debug=debug)
 
 
-def _begin(settings: Path | None, needs: set[Need], *, verbose: bool, debug: bool) -> Settings:
-    """Merge a command's own global options with those given before it, then load the
-    settings the command ``needs`` (from its own --settings, else the global one, else
-    the default file)."""
+def _options(settings: Path | None, *, verbose: bool, debug: bool) -> Path | None:
+    """Merge a command's own global options with those given before it; the settings
+    file to read (its own --settings, else the global one, else None: the default)."""
     _State.verbose = _State.verbose or verbose
     _State.debug = _State.debug or debug
     _configure_logging(verbose=_State.verbose, debug=_State.debug)
-    path = settings if settings is not None else _State.settings
+    return settings if settings is not None else _State.settings
+
+
+def _begin(settings: Path | None, needs: set[Need], *, verbose: bool, debug: bool) -> Settings:
+    """``_options``, then load the settings the command ``needs``."""
+    path = _options(settings, verbose=verbose, debug=debug)
     from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings
 
     loaded = _guarded(lambda: load_settings(path, needs=needs))
@@ -490,6 +496,66 @@ def cleanup_tmp(
     _show_and_exit(report, as_json=as_json)
 
 
+# --- doctor ---------------------------------------------------------------------------
+
+# Long enough to catch an ERP that polls every few seconds; one that polls every minute
+# needs --watch 70.
+DOCTOR_WATCH_SECONDS = 5.0
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def doctor(
+    watch: Annotated[
+        float,
+        typer.Option(
+            "--watch",
+            min=0,
+            max=600,
+            help="Seconds to watch a probe file for something on the server that takes "
+            "every new file, .tmp included (0: look once).",
+        ),
+    ] = DOCTOR_WATCH_SECONDS,
+    as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Check the whole setup: settings, Nuntiq, the SFTP server, the journal.
+
+    Claims, acknowledges and uploads no invoice: Nuntiq is only read, and on the SFTP
+    server a few probe files (erp-push-doctor-*.erp-push.tmp) are written and removed
+    again. Prints a checklist (✓ works, ! works but look, ✗ a push would fail) with a
+    hint for each problem; exits 0 when a push would work, else the code of the first
+    failing area (3 settings or journal, 4 Nuntiq, 5 SFTP).
+
+    Example: [bold]erp-push doctor --settings /etc/erp-push/settings.json[/bold]
+    """
+    from erp_push import commands
+
+    path = _options(settings, verbose=verbose, debug=debug)
+    report = _guarded(lambda: commands.doctor(path, watch_seconds=watch))
+    _show_and_exit(report, as_json=as_json)
+
+
+# --- erp-push --help: an example of each command ----------------------------------------
+
+
+def _examples() -> str:
+    """The ``Example:`` line of each command's help, for ``erp-push --help``: one place
+    to write an example, and a new command's shows up on its own."""
+    import inspect
+
+    lines = []
+    for info in app.registered_commands:
+        for line in (inspect.getdoc(info.callback) or "").splitlines():
+            if line.startswith("Example:"):
+                lines.append(line.removeprefix("Example:").strip())
+    return "Examples:\n\n" + "\n\n".join(lines)
+
+
+app.info.epilog = f"{_examples()}\n\n{EXIT_CODES_HELP}"
+
+
 # --- entry point ----------------------------------------------------------------------
 
 
@@ -513,7 +579,8 @@ def main() -> None:
     # A library's Python warnings become records (py.warnings): shown with --debug only.
     logging.captureWarnings(True)
     try:
-        app()
+        # The name completion scripts and usage lines use, also under `python -m erp_push`.
+        app(prog_name="erp-push")
     except Terminated:  # between two steps of the command line itself, outside _guarded
         _stopped("terminated")
         sys.exit(TERMINATED)

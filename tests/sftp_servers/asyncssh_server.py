@@ -33,6 +33,9 @@ and can imitate each family of behaviour (``quirk``):
 - ``read_only_generic``: OpenSSH on a read-only filesystem: opening for writing and
   every change (remove, rename, link, mkdir...) fail with a bare FX_FAILURE; reads work;
   ``statvfs@openssh.com`` reports the read-only flag.
+- ``pickup_everything``: an ERP that takes every new file, ``.tmp`` included: a file
+  created by an open (it did not exist before) is deleted as soon as it is closed,
+  before the client gets the reply.
 
 ``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
 advertises its extensions per class, not per server, so it is still *listed*; the client
@@ -77,6 +80,7 @@ QUIRKS = (
     "upload_only",
     "disk_full_generic",
     "read_only_generic",
+    "pickup_everything",
 )
 
 OUTBOX = "outbox"
@@ -195,6 +199,7 @@ class QuirkyServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel[bytes], config: ServerConfig) -> None:
         super().__init__(chan, chroot=str(config.root).encode())
         self._config = config
+        self._created: dict[int, str] = {}  # pickup_everything: open files that are new
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -251,7 +256,12 @@ class QuirkyServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> Any:
         self._config.requests["close"] += 1
-        return super().close(file_obj)
+        result = super().close(file_obj)
+        created = self._created.pop(id(file_obj), None)
+        if created is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(created)
+        return result
 
     def read(self, file_obj: object, offset: int, size: int) -> Any:
         self._config.requests["read"] += 1
@@ -265,6 +275,13 @@ class QuirkyServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if self._config.quirk == "hang_on_write" and pflags & FXF_WRITE:
             return asyncio.Event().wait()  # asyncssh awaits it: an answer that never comes
+        if self._config.quirk == "pickup_everything" and pflags & FXF_WRITE:
+            local = self._local(path)
+            new = not os.path.lexists(local)
+            file_obj = super().open(path, pflags, attrs)
+            if new:
+                self._created[id(file_obj)] = local
+            return file_obj
         return super().open(path, pflags, attrs)
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:

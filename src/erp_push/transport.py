@@ -123,12 +123,12 @@ class SftpOptions:
     connect_timeout: float  # TCP connect, SSH banner, handshake, auth
     operation_timeout: float  # each SFTP request; a hung server cannot hang cron
     keepalive_interval: int  # seconds; 0 turns it off
+    use_agent: bool  # try the keys of a running ssh-agent (SSH_AUTH_SOCK) first
     password: SecretStr | None = None
     private_key_path: Path | None = None
     private_key_passphrase: SecretStr | None = None
     known_hosts: Path | None = None  # OpenSSH known_hosts file (plain or hashed entries)
     host_key_sha256: str | None = None  # "SHA256:<base64>", as `ssh-keygen -lf` prints
-    use_agent: bool = False  # try the keys of a running ssh-agent (SSH_AUTH_SOCK) first
 
     @property
     def address(self) -> str:

@@ -565,12 +565,13 @@ class SftpProbe:
     def _check_extensions(self) -> None:
         offered = self._session().extensions
         listed = [name for name in (HARDLINK, POSIX_RENAME) if name in offered]
-        others = sorted(set(offered) - {HARDLINK, POSIX_RENAME})
-        summary = "server offers " + (
-            ", ".join(listed) if listed else f"neither {HARDLINK} nor {POSIX_RENAME}"
-        )
-        if others:
-            summary += f" (and {', '.join(others)})"
+        missing = [name for name in (HARDLINK, POSIX_RENAME) if name not in offered]
+        summary = "server offers " + (", ".join(listed) if listed else "neither")
+        if listed and missing:
+            summary += f", not {missing[0]}"
+        elif missing:
+            summary += f" {HARDLINK} nor {POSIX_RENAME}"
+        # posix-rename is only reported: it overwrites by definition, so push never uses it.
         self.add("extensions", Mark.OK, summary, extensions=sorted(offered))
 
     def _check_publishing(self) -> None:
@@ -594,7 +595,7 @@ class SftpProbe:
             self.add(
                 "rename",
                 Mark.WARN,
-                f"a plain rename onto a free name is refused here: {free.error.message}",
+                f"a plain rename onto a free name is refused here ({_refusal(free.error)})",
             )
         else:
             self.add("rename", Mark.OK, "a plain rename onto a free name works")
@@ -607,7 +608,7 @@ class SftpProbe:
                     "rename_existing",
                     Mark.OK,
                     f"a plain rename onto an existing name fails, as it should "
-                    f"(status {code}: {onto.error.message})",
+                    f"({_refusal(onto.error)})",
                     status=code,
                 )
             else:
@@ -625,7 +626,7 @@ class SftpProbe:
                 self.add(
                     "hardlink",
                     Mark.WARN,
-                    f"{HARDLINK} is offered but fails here: {link.error.message}",
+                    f"{HARDLINK} is offered but fails here ({_refusal(link.error)})",
                     status=link.error.sftp_code,
                 )
             else:
@@ -810,6 +811,12 @@ class SftpProbe:
             yield session
         finally:
             session.close()
+
+
+def _refusal(error: SftpOperationError) -> str:
+    """``status 4: Failure``: the server's own code and words, without our paths."""
+    said = error.message.rpartition(" failed: ")[2]
+    return f"status {error.sftp_code}: {said}" if error.sftp_code is not None else said
 
 
 __all__ = ["Area", "Check", "DoctorReport", "Mark", "run"]

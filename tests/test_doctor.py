@@ -386,3 +386,43 @@ def test_probes_are_removed_when_doctor_is_stopped_mid_way(
     assert proc.returncode == (130 if sig == signal.SIGINT else 143)
     assert "Traceback" not in stderr
     assert asyncssh_sftp.listdir(asyncssh_sftp.outbox) == []
+
+
+def test_probes_are_removed_through_a_new_connection_when_the_first_dies(
+    sandbox: Sandbox,
+    sftp_server_factory: Callable[..., SftpServerInfo],
+    make_settings: MakeSettings,
+) -> None:
+    """The server cuts the connection right after the probe's first rename (its reply
+    never arrives): the probes are on the server, and only a new login can remove them."""
+    server = sftp_server_factory("drop_after_rename")
+    report = in_process(make_settings(server))
+    assert report.exit_code == ExitCode.SFTP
+    checks = {c.name: c for c in report.checks}
+    assert checks["sftp.connection"].mark is Mark.FAIL
+    assert "lost sftp" in checks["sftp.connection"].summary
+    assert checks["sftp.cleanup"].mark is Mark.OK
+    no_probes_left(server)
+
+
+def test_no_secret_in_any_doctor_output_even_with_debug(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    wrong_password, wrong_key = "Sftp-Pw-Never-Shown-4711", "Api-Key-Never-Shown-4711"
+    wrong = make_settings(
+        asyncssh_sftp,
+        secrets={"sftp_password": wrong_password, "nuntiq_api_key": wrong_key},
+        name="wrong.json",
+    )
+    outputs = [
+        run_cli(
+            "--debug", "doctor", "--watch", "0", "--settings", str(make_settings(asyncssh_sftp))
+        ),
+        run_cli("--debug", "doctor", "--json", "--watch", "0", "--settings", str(wrong)),
+    ]
+    assert [o.returncode for o in outputs] == [0, ExitCode.NUNTIQ]
+    everything = "\n".join(o.stdout + o.stderr for o in outputs)
+    assert "DEBUG" in everything  # the libraries' own records were produced and searched
+    for secret in (wrong_password, wrong_key, asyncssh_sftp.password, sandbox.api_key):
+        assert secret not in everything
+    no_probes_left(asyncssh_sftp)

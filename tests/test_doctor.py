@@ -220,6 +220,21 @@ def test_case_insensitive_names_are_reported(
     no_probes_left(server)
 
 
+def test_a_server_clock_an_hour_fast_is_a_warning_not_a_failure(
+    sandbox: Sandbox,
+    sftp_server_factory: Callable[..., SftpServerInfo],
+    make_settings: MakeSettings,
+) -> None:
+    server = sftp_server_factory("clock_ahead")
+    report = in_process(make_settings(server))
+    assert report.exit_code == ExitCode.OK
+    clock = next(c for c in report.checks if c.name == "sftp.clock")
+    assert clock.mark is Mark.WARN
+    assert abs(clock.data["skew_seconds"] - 3600) <= 2
+    assert "s ahead of ours" in clock.summary
+    no_probes_left(server)
+
+
 def test_a_folder_that_forbids_deletion_names_the_probes_it_kept(
     sandbox: Sandbox,
     sftp_server_factory: Callable[..., SftpServerInfo],

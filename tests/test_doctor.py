@@ -109,6 +109,31 @@ def test_doctor_on_openssh_passes_shows_the_checklist_and_removes_its_probes(
 # --- servers that disagree -----------------------------------------------------------------
 
 
+def test_proftpd_refuses_a_taken_name_with_its_own_status(
+    sandbox: Sandbox, proftpd_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    report = in_process(make_settings(proftpd_sftp))
+    assert report.exit_code == ExitCode.OK
+    checks = {c.name: c for c in report.checks}
+    assert checks["sftp.rename_existing"].data["status"] == 11  # FILE_ALREADY_EXISTS
+    assert checks["sftp.publish"].mark is Mark.OK
+    no_probes_left(proftpd_sftp)
+
+
+def test_a_server_without_hardlink_whose_rename_overwrites(
+    sandbox: Sandbox, sftpserver_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """pytest-sftpserver lists no extension at all, and its rename replaces the target."""
+    report = in_process(make_settings(sftpserver_sftp))
+    assert report.exit_code == ExitCode.OK
+    checks = {c.name: c for c in report.checks}
+    assert "neither hardlink@openssh.com nor posix-rename" in checks["sftp.extensions"].summary
+    assert "sftp.hardlink" not in checks
+    assert checks["sftp.publish"].mark is Mark.WARN
+    assert report.advice[0].startswith("This server's rename overwrites and it offers no hardlink")
+    no_probes_left(sftpserver_sftp)
+
+
 def test_a_rename_that_overwrites_is_covered_by_hardlink(
     sandbox: Sandbox,
     sftp_server_factory: Callable[..., SftpServerInfo],

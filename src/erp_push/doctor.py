@@ -578,7 +578,7 @@ class SftpProbe:
         """A rename onto a free name, then onto a taken one (two probes); a hard link."""
         session = self._session()
         first, second = self._probe_name("a"), self._probe_name("b")
-        moved, linked = self._probe_name("renamed"), self._probe_name("linked")
+        moved = self._probe_name("renamed")
         try:
             self._write(first, b"erp-push doctor probe a: the longer one\n")
             self._write(second, b"probe b\n")
@@ -620,7 +620,7 @@ class SftpProbe:
                 )
         if HARDLINK in self._session().extensions:
             with session.exchange("linking a probe") as batch:
-                link = batch.hardlink(second, linked)
+                link = batch.hardlink(second, self._probe_name("linked"))
             self.found.hardlink_works = link.ok
             if link.error is not None:
                 self.add(

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # More than this between the server's clock and ours is worth saying (file dates look off).
 CLOCK_SKEW_LIMIT_SECONDS = 60
+# Less free space than this in the outbox's filesystem is worth a warning.
+LOW_SPACE_BYTES = 10_000_000
 # How often the watched probe is looked at while waiting for something to take it.
 WATCH_POLL_SECONDS = 0.5
 PROBE_PREFIX = "erp-push-doctor-"
@@ -403,6 +405,7 @@ class SftpProbe:
             return
         try:
             if self._check_folders():
+                self._check_space()
                 self._probe()
         except SftpError as exc:  # the connection died or hung mid-way
             self.add("connection", Mark.FAIL, exc.message, exc.hint)
@@ -494,6 +497,49 @@ class SftpProbe:
             self.add("sent", Mark.OK, f"remote_sent {self.sent} exists")
         return True
 
+    def _check_space(self) -> None:
+        """Free space and a read-only filesystem, where the server can tell (statvfs)."""
+        session = self._session()
+        if not session.has_statvfs:
+            return
+        with session.exchange(f"statvfs {self.outbox}") as batch:
+            reply = batch.statvfs(self.outbox)
+        if reply.error is not None:
+            return  # listed but refused: nothing to say
+        fs = reply.value
+        free = f"{fs.bytes_free / 1e6:.1f} MB"
+        if fs.read_only:
+            self.add(
+                "space",
+                Mark.FAIL,
+                f"the filesystem of remote_outbox {self.outbox} is read-only",
+                "Ask the server's administrators: nothing can be written there.",
+            )
+        elif fs.bytes_free == 0 or (fs.files_total > 0 and fs.files_free == 0):
+            self.add(
+                "space",
+                Mark.FAIL,
+                f"the filesystem of remote_outbox {self.outbox} is full "
+                f"({fs.bytes_free} bytes, {fs.files_free} files free)",
+                "Ask the server's administrators for space: every file would fail.",
+                bytes_free=fs.bytes_free,
+            )
+        elif fs.bytes_free < LOW_SPACE_BYTES:
+            self.add(
+                "space",
+                Mark.WARN,
+                f"only {free} free in the filesystem of remote_outbox {self.outbox}",
+                "Ask the server's administrators for space before it runs out.",
+                bytes_free=fs.bytes_free,
+            )
+        else:
+            self.add(
+                "space",
+                Mark.OK,
+                f"{free} free in remote_outbox {self.outbox}",
+                bytes_free=fs.bytes_free,
+            )
+
     def _session(self) -> SftpSession:
         assert self.session is not None
         return self.session
@@ -583,7 +629,7 @@ class SftpProbe:
             self._write(first, b"erp-push doctor probe a: the longer one\n")
             self._write(second, b"probe b\n")
         except SftpOperationError as exc:
-            self.add("rename", Mark.SKIP, f"rename not tried: {exc.message}")
+            self.add("rename", Mark.FAIL, f"cannot write a second probe file: {exc.message}")
             return
         if not (self._exists(first) and self._exists(second)):
             self.found.gone = True
@@ -637,8 +683,11 @@ class SftpProbe:
     def _verdict(self) -> None:
         """Can push make a file visible here, and how safely?"""
         f = self.found
-        if f.gone or f.rename_free is None:
+        if f.gone:
             self.add("publish", Mark.SKIP, "publishing not checked: the probe files vanished")
+            return
+        if f.rename_free is None:
+            self.add("publish", Mark.SKIP, "publishing not checked: see the line above")
             return
         can_rename = bool(f.hardlink_works or f.rename_free)
         if self.publish_mode == "direct":

@@ -5,6 +5,7 @@ also checks that the probe files are gone afterwards and that no secret was prin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -283,6 +284,30 @@ def test_a_full_or_read_only_outbox_is_named_from_statvfs(
     assert report.exit_code == ExitCode.SFTP
     space = next(c for c in report.checks if c.name == "sftp.space")
     assert space.mark is Mark.FAIL and says in space.summary
+    no_probes_left(server)
+
+
+@pytest.mark.parametrize("kind", ["full", "read_only"])
+def test_openssh_on_a_really_full_or_read_only_outbox(
+    kind: str,
+    sandbox: Sandbox,
+    openssh_mounted_outbox: Callable[..., SftpServerInfo],
+    make_settings: MakeSettings,
+) -> None:
+    """Real kernel errors (a 16 KiB tmpfs filled up, or remounted read-only) through the
+    real sftp-server, which answers both with a bare "Failure"."""
+    server = openssh_mounted_outbox(kind)
+    if kind == "full":
+        with contextlib.suppress(OSError), server.local(f"{server.outbox}/filler").open("wb") as f:
+            while True:  # until ENOSPC
+                f.write(b"x" * 4096)
+                f.flush()
+    report = in_process(make_settings(server))
+    assert report.exit_code == ExitCode.SFTP
+    checks = {c.name: c for c in report.checks}
+    assert checks["sftp.space"].mark is Mark.FAIL
+    assert ("is full" if kind == "full" else "is read-only") in checks["sftp.space"].summary
+    assert checks["sftp.write"].mark is Mark.FAIL
     no_probes_left(server)
 
 

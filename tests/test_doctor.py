@@ -462,7 +462,7 @@ def test_unfinished_invoices_of_a_killed_run_are_counted(
 # --- probes are always removed ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_probes_are_removed_when_doctor_is_stopped_mid_way(
     sig: signal.Signals,
     sandbox: Sandbox,

@@ -6,9 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LOWEST_VENV ?= .venv-lowest
 # What the lowest allowed versions must pass: settings and CLI (pydantic, pydantic-settings,
-# typer, rich), Nuntiq (httpx), SFTP (paramiko).
+# typer, rich; completion), Nuntiq (httpx), SFTP (paramiko; its ssh-agent client).
 LOWEST_TESTS ?= tests/test_settings.py tests/test_cli.py tests/test_render.py \
-	tests/test_claim.py tests/test_transport.py tests/test_known_hosts.py
+	tests/test_claim.py tests/test_transport.py tests/test_known_hosts.py \
+	tests/test_conveniences.py
 PORT ?= 8765
 SANDBOX_API_KEY ?= sandbox-key
 PYTEST_ARGS ?=

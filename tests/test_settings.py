@@ -708,6 +708,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         connect_timeout=3,
         operation_timeout=4,
         keepalive_interval=6,
+        use_agent=False,
         password=SecretStr(SECRET),
         private_key_path=tmp_path / "id_ed25519",
         private_key_passphrase=SecretStr("phrase"),

@@ -591,6 +591,7 @@ def _bare_options(port: int, tmp_path: Path) -> SftpOptions:
         connect_timeout=1,
         operation_timeout=1,
         keepalive_interval=15,
+        use_agent=False,
     )
 
 
@@ -666,7 +667,7 @@ def test_a_server_whose_sftp_never_starts_cannot_hang_the_run(mode: str) -> None
     options = SftpOptions(
         host="127.0.0.1", port=port, user="u", password=SecretStr("p"),
         host_key_sha256=fingerprint(host_key), connect_timeout=1, operation_timeout=1,
-        keepalive_interval=15,
+        keepalive_interval=15, use_agent=False,
     )  # fmt: skip
     outcome: list[BaseException] = []
 

@@ -51,7 +51,9 @@ app = typer.Typer(
     help="Move invoices from Nuntiq into an ERP's SFTP drop folder, exactly once.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion: typer's, cheap (no shell is detected
+    # unless one of them is given).
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
@@ -163,6 +165,26 @@ def _main(
     _configure_logging()
 
 
+def _options(
+    settings: Path | None,
+    *,
+    verbose: bool,
+    debug: bool,
+    log_format: LogFormat | None = None,
+    quiet: bool = False,
+) -> Path | None:
+    """Merge a command's own global options with those given before it; the settings
+    file to read (its own --settings, else the global one, else None: the default)."""
+    _State.verbose = _State.verbose or verbose
+    _State.debug = _State.debug or debug
+    _State.quiet = _State.quiet or quiet
+    _State.log_format = log_format or _State.log_format
+    _configure_logging()
+    path = settings if settings is not None else _State.settings
+    _State.settings_used = path
+    return path
+
+
 def _begin(
     settings: Path | None,
     needs: set[Need],
@@ -172,16 +194,8 @@ def _begin(
     log_format: LogFormat | None = None,
     quiet: bool = False,
 ) -> Settings:
-    """Merge a command's own global options with those given before it, then load the
-    settings the command ``needs`` (from its own --settings, else the global one, else
-    the default file)."""
-    _State.verbose = _State.verbose or verbose
-    _State.debug = _State.debug or debug
-    _State.quiet = _State.quiet or quiet
-    _State.log_format = log_format or _State.log_format
-    _configure_logging()
-    path = settings if settings is not None else _State.settings
-    _State.settings_used = path
+    """``_options``, then load the settings the command ``needs``."""
+    path = _options(settings, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet)
     from erp_push.settings import DEFAULT_SETTINGS_FILE, load_settings, peek
 
     def load() -> Settings:
@@ -647,6 +661,8 @@ def status(
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Show what the journal knows: unfinished invoices (how far each got and what it
     waits for), the last runs and how they ended, the last successful run.
@@ -657,12 +673,14 @@ def status(
     """
     from erp_push import status as journal_status
 
-    cfg = _begin(settings, set(), verbose=verbose, debug=debug)
+    cfg = _begin(settings, set(), verbose=verbose, debug=debug, log_format=log_format, quiet=quiet)
     state_dir = Path(cfg.config.state_dir)
     if not state_dir.is_absolute():  # a "~" that has no home folder to stand for
         from erp_push.settings import Need
 
-        _begin(settings, {Need.STATE}, verbose=verbose, debug=debug)  # names the problem
+        _begin(
+            settings, {Need.STATE}, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet
+        )  # names the problem
     report = _guarded(lambda: journal_status.read_status(state_dir, runs=runs))
     _show_and_exit(report, as_json=as_json)
 
@@ -677,6 +695,8 @@ def resend(
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Mark an invoice for a deliberate re-send: the next push that claims it uploads a
     fresh file under a new name, beside the earlier one (never over it).
@@ -701,7 +721,9 @@ def resend(
             style="bold red",
         )
         raise typer.Exit(2)
-    cfg = _begin(settings, {Need.STATE}, verbose=verbose, debug=debug)
+    cfg = _begin(
+        settings, {Need.STATE}, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet
+    )
     if not yes:
         question = (
             f"Re-send invoice {printable(invoice_token)}? The next push that claims it uploads a "
@@ -714,6 +736,68 @@ def resend(
     state_dir = Path(cfg.config.state_dir)
     report = _guarded(lambda: journal_status.request_resend(state_dir, invoice_token))
     _show_and_exit(report, as_json=as_json)
+
+
+# --- doctor ---------------------------------------------------------------------------
+
+# Long enough to catch an ERP that polls every few seconds; one that polls every minute
+# needs --watch 70.
+DOCTOR_WATCH_SECONDS = 5.0
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def doctor(
+    watch: Annotated[
+        float,
+        typer.Option(
+            "--watch",
+            min=0,
+            max=600,
+            help="Seconds to watch a probe file for something on the server that takes "
+            "every new file, .tmp included (0: look once).",
+        ),
+    ] = DOCTOR_WATCH_SECONDS,
+    as_json: JsonOption = False,
+    settings: SettingsOption = None,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+    log_format: LogFormatOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Check the whole setup: settings, Nuntiq, the SFTP server, the journal.
+
+    Claims, acknowledges and uploads no invoice: Nuntiq is only read, and on the SFTP
+    server a few probe files (erp-push-doctor-*.erp-push.tmp) are written and removed
+    again. Prints a checklist (✓ works, ! works but look, ✗ a push would fail) with a
+    hint for each problem; exits 0 when a push would work, else the code of the first
+    failing area (3 settings or journal, 4 Nuntiq, 5 SFTP).
+
+    Example: [bold]erp-push doctor --settings /etc/erp-push/settings.json[/bold]
+    """
+    from erp_push import commands
+
+    path = _options(settings, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet)
+    report = _guarded(lambda: commands.doctor(path, watch_seconds=watch))
+    _show_and_exit(report, as_json=as_json)
+
+
+# --- erp-push --help: an example of each command ----------------------------------------
+
+
+def _examples() -> str:
+    """The ``Example:`` line of each command's help, for ``erp-push --help``: one place
+    to write an example, and a new command's shows up on its own."""
+    import inspect
+
+    lines = []
+    for info in app.registered_commands:
+        for line in (inspect.getdoc(info.callback) or "").splitlines():
+            if line.startswith("Example:"):
+                lines.append(line.removeprefix("Example:").strip())
+    return "Examples:\n\n" + "\n\n".join(lines)
+
+
+app.info.epilog = f"{_examples()}\n\n{EXIT_CODES_HELP}"
 
 
 # --- entry point ----------------------------------------------------------------------
@@ -739,7 +823,8 @@ def main() -> None:
     # A library's Python warnings become records (py.warnings): shown with --debug only.
     logging.captureWarnings(True)
     try:
-        app()
+        # The name completion scripts and usage lines use, also under `python -m erp_push`.
+        app(prog_name="erp-push")
     except Terminated:  # between two steps of the command line itself, outside _guarded
         _stopped("terminated")
         sys.exit(TERMINATED)

@@ -31,6 +31,8 @@ from erp_push.report import (
 from erp_push.settings import Settings
 
 if TYPE_CHECKING:
+    from erp_push.doctor import DoctorReport
+
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
     from erp_push.transport import SftpSession
@@ -251,8 +253,20 @@ def cleanup_tmp(
         session.close()
 
 
+# --- doctor -----------------------------------------------------------------------------
+
+
+def doctor(settings_path: Path | None, *, watch_seconds: float) -> DoctorReport:
+    """Check settings, Nuntiq, the SFTP server and the journal; changes no invoice. Takes
+    the settings file, not ``Settings``: a file with problems is checked as far as it goes."""
+    from erp_push import doctor as checks
+
+    return checks.run(settings_path, watch_seconds=watch_seconds)
+
+
 __all__ = [
     "cleanup_tmp",
+    "doctor",
     "dry_run",
     "push",
     "render_one",

@@ -246,6 +246,11 @@ class Config(BaseModel):
         min_length=1,
         description="Address type whose address_name is the supplier code fallback.",
     )
+    sftp_use_agent: bool = Field(
+        default=False,
+        description="Log in with the keys of a running ssh-agent (SSH_AUTH_SOCK), tried "
+        "before sftp_private_key_path and sftp_password.",
+    )
 
     # How the file is written
     formula_guard: FormulaGuard = Field(
@@ -385,6 +390,7 @@ class Settings(BaseSettings):
             private_key_passphrase=s.sftp_private_key_passphrase,
             known_hosts=c.sftp_known_hosts,
             host_key_sha256=c.sftp_host_key_sha256,
+            use_agent=c.sftp_use_agent,
             connect_timeout=c.sftp_connect_timeout_seconds,
             operation_timeout=c.sftp_operation_timeout_seconds,
             keepalive_interval=round(c.sftp_keepalive_seconds),
@@ -568,6 +574,8 @@ def _default_text(json_key: str, info: FieldInfo) -> str | None:
     if info.default is None or info.default_factory is not None:
         return None
     default = info.default
+    if isinstance(default, bool):
+        return "true" if default else "false"  # as written in the JSON file
     return str(default) if not isinstance(default, float) else f"{default:g}"
 
 
@@ -826,11 +834,13 @@ def _check_sftp(settings: Settings, req: _Requirements) -> None:
     elif key_path is not None and not key_path.is_file():
         req.add("config.sftp_private_key_path", f"file not found: {key_path}")
     elif key_path is None and not _is_set(s.sftp_password):
-        req.add(
-            "secrets.sftp_password",
-            "a login method is required: set secrets.sftp_password or "
-            f"config.sftp_private_key_path (env {env_var_for('sftp_private_key_path')})",
-        )
+        if not c.sftp_use_agent:  # the agent's keys are a login method of their own
+            req.add(
+                "secrets.sftp_password",
+                "a login method is required: set secrets.sftp_password or "
+                f"config.sftp_private_key_path (env {env_var_for('sftp_private_key_path')}), "
+                f"or config.sftp_use_agent (env {env_var_for('sftp_use_agent')})",
+            )
     elif key_path is None and _is_placeholder(s.sftp_password):
         req.add("secrets.sftp_password", _PLACEHOLDER_MESSAGE)
 

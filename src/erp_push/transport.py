@@ -23,6 +23,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import posixpath
 import re
 import socket
@@ -122,6 +123,7 @@ class SftpOptions:
     connect_timeout: float  # TCP connect, SSH banner, handshake, auth
     operation_timeout: float  # each SFTP request; a hung server cannot hang cron
     keepalive_interval: int  # seconds; 0 turns it off
+    use_agent: bool  # try the keys of a running ssh-agent (SSH_AUTH_SOCK) first
     password: SecretStr | None = None
     private_key_path: Path | None = None
     private_key_passphrase: SecretStr | None = None
@@ -296,26 +298,68 @@ def _load_private_key(path: Path, passphrase: SecretStr | None) -> paramiko.PKey
     raise SftpAuthError(f"{path} is not a readable Ed25519, ECDSA or RSA private key")
 
 
-def _authenticate(ssh: paramiko.Transport, options: SftpOptions) -> None:
+def _agent_login(ssh: paramiko.Transport, options: SftpOptions) -> str | None:
+    """Log in with the first key of the running ssh-agent the server accepts, as OpenSSH
+    does; None when there is no agent or it holds no key the server takes (the other
+    configured methods are tried next). The agent signs; no key ever leaves it."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        log.debug("sftp_use_agent is set, but SSH_AUTH_SOCK is not: no ssh-agent to ask")
+        return None
+    try:
+        agent = paramiko.Agent()
+    except (OSError, paramiko.SSHException) as exc:
+        log.warning("cannot talk to the ssh-agent: %s", _reason(exc))
+        return None
+    try:
+        keys = agent.get_keys()
+        if not keys:
+            log.debug("the ssh-agent holds no keys (or SSH_AUTH_SOCK names no live agent)")
+        for key in keys:
+            try:
+                ssh.auth_publickey(options.user, key)
+            except paramiko.BadAuthenticationType:
+                return None  # the server takes no keys at all: let the password try
+            except paramiko.AuthenticationException:
+                continue
+            return f"ssh-agent key {key.get_name()} {fingerprint(key)}"
+        return None
+    finally:
+        agent.close()
+
+
+def _authenticate(ssh: paramiko.Transport, options: SftpOptions) -> str:
+    """Log in; returns how (``password``, ``key PATH``, ``ssh-agent key ...``)."""
     refused = f"login to {options.address} as {options.user!r} refused"
     try:
+        if options.use_agent and (used := _agent_login(ssh, options)) is not None:
+            return used
         if options.private_key_path is not None:
             key = _load_private_key(options.private_key_path, options.private_key_passphrase)
             try:
                 ssh.auth_publickey(options.user, key)
-                return
+                return f"key {options.private_key_path}"
             except paramiko.AuthenticationException:
                 if options.password is None:
                     raise
                 log.debug("key login refused by %s; trying the password", options.address)
         if options.password is None:
+            if options.use_agent:
+                raise SftpAuthError(
+                    f"{refused}: the ssh-agent offered no key the server accepts "
+                    f"({_agent_state()}), and no password or private key is configured"
+                )
             raise SftpAuthError(f"{refused}: no password or private key configured")
         ssh.auth_password(options.user, options.password.get_secret_value())
+        return "password"
     except paramiko.BadAuthenticationType as exc:
         allowed = ", ".join(exc.allowed_types) or "none"
         raise SftpAuthError(f"{refused}: the server only allows {allowed}") from None
     except paramiko.AuthenticationException:
         raise SftpAuthError(f"{refused}: wrong user, password or key") from None
+
+
+def _agent_state() -> str:
+    return "SSH_AUTH_SOCK is set" if os.environ.get("SSH_AUTH_SOCK") else "SSH_AUTH_SOCK is not set"
 
 
 def _open_sftp(ssh: paramiko.Transport, options: SftpOptions) -> _SftpClient:
@@ -617,21 +661,33 @@ class SftpSession:
         self._ssh = ssh
         self._sftp = sftp
         self.owns_connection = owns_connection  # False for extra channels (open_channel)
+        self.login = ""  # how connect() logged in (password, key, ssh-agent key)
 
     @property
     def has_hardlink(self) -> bool:
         return self._sftp.has_hardlink
 
     @property
+    def extensions(self) -> dict[str, str]:
+        """The SFTP extensions the server lists (name: version), e.g. hardlink@openssh.com."""
+        return {
+            name.decode(errors="replace"): value.decode(errors="replace")
+            for name, value in self._sftp.extensions.items()
+        }
+
+    @property
     def has_statvfs(self) -> bool:
         return self._sftp.has_statvfs
 
     @classmethod
-    def connect(cls, options: SftpOptions) -> SftpSession:
+    def connect(
+        cls, options: SftpOptions, *, on_host_key: Callable[[str], None] | None = None
+    ) -> SftpSession:
         """Connect, verify the host key (always, before auth), log in, open SFTP.
 
         Raises HostKeyUnknown/HostKeyMismatch/HostKeyRevoked, SftpAuthError or
         SftpUnreachable; SettingsError for a known_hosts file that cannot be read.
+        ``on_host_key`` is told the verified key (``ssh-ed25519 SHA256:...``) before login.
         """
         known = known_hosts.HostKeys()
         if options.known_hosts is not None:
@@ -641,8 +697,11 @@ class SftpSession:
             _prefer_key_types(ssh, known.key_types)
             _prefer_fast_ciphers(ssh)
             ssh.start_client(timeout=options.connect_timeout)
-            _verify_host_key(options, ssh.get_remote_server_key(), known)
-            _authenticate(ssh, options)
+            server_key = ssh.get_remote_server_key()
+            _verify_host_key(options, server_key, known)
+            if on_host_key is not None:
+                on_host_key(f"{server_key.get_name()} {fingerprint(server_key)}")
+            login = _authenticate(ssh, options)
             ssh.set_keepalive(options.keepalive_interval)
             sftp = _open_sftp(ssh, options)
         except ErpPushError:
@@ -657,7 +716,9 @@ class SftpSession:
             ssh.close()
             raise
         log.debug("connected to %s (hardlink: %s)", options.address, sftp.has_hardlink)
-        return cls(options, ssh, sftp)
+        session = cls(options, ssh, sftp)
+        session.login = login
+        return session
 
     def open_channel(self) -> SftpSession:
         """Another SFTP session over this same SSH connection: parallel work, one login.

@@ -34,6 +34,11 @@ and can imitate each family of behaviour (``quirk``):
 - ``read_only_generic``: OpenSSH on a read-only filesystem: opening for writing and
   every change (remove, rename, link, mkdir...) fail with a bare FX_FAILURE; reads work;
   ``statvfs@openssh.com`` reports the read-only flag.
+- ``pickup_everything``: an ERP that takes every new file, ``.tmp`` included: a file
+  created by an open (it did not exist before) is deleted as soon as it is closed,
+  before the client gets the reply.
+- ``clock_ahead``: a server whose clock runs an hour fast: every file written gets a
+  modification time one hour ahead of the real time.
 
 ``hardlink=False`` makes ``hardlink@openssh.com`` fail as unsupported. asyncssh
 advertises its extensions per class, not per server, so it is still *listed*; the client
@@ -51,6 +56,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -78,7 +84,10 @@ QUIRKS = (
     "upload_only",
     "disk_full_generic",
     "read_only_generic",
+    "pickup_everything",
+    "clock_ahead",
 )
+CLOCK_AHEAD_SECONDS = 3600
 
 OUTBOX = "outbox"
 SENT = "outbox/sent"
@@ -196,6 +205,8 @@ class QuirkyServer(asyncssh.SFTPServer):
     def __init__(self, chan: asyncssh.SSHServerChannel[bytes], config: ServerConfig) -> None:
         super().__init__(chan, chroot=str(config.root).encode())
         self._config = config
+        # Files open for writing (pickup_everything: only those the open created), by id.
+        self._written: dict[int, str] = {}
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -252,7 +263,15 @@ class QuirkyServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> Any:
         self._config.requests["close"] += 1
-        return super().close(file_obj)
+        result = super().close(file_obj)
+        written = self._written.pop(id(file_obj), None)
+        if written is not None and self._config.quirk == "pickup_everything":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(written)
+        elif written is not None:  # clock_ahead
+            ahead = time.time() + CLOCK_AHEAD_SECONDS
+            os.utime(written, (ahead, ahead))
+        return result
 
     def read(self, file_obj: object, offset: int, size: int) -> Any:
         self._config.requests["read"] += 1
@@ -266,6 +285,13 @@ class QuirkyServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPPermissionDenied("Permission denied")
         if self._config.quirk == "hang_on_write" and pflags & FXF_WRITE:
             return asyncio.Event().wait()  # asyncssh awaits it: an answer that never comes
+        if self._config.quirk in ("pickup_everything", "clock_ahead") and pflags & FXF_WRITE:
+            local = self._local(path)
+            new = not os.path.lexists(local)
+            file_obj = super().open(path, pflags, attrs)
+            if new or self._config.quirk == "clock_ahead":
+                self._written[id(file_obj)] = local
+            return file_obj
         return super().open(path, pflags, attrs)
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:

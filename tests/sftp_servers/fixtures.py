@@ -82,6 +82,7 @@ class SftpServerInfo:
             connect_timeout=5,
             operation_timeout=10,
             keepalive_interval=15,
+            use_agent=False,
         )
         return replace(base, **overrides)
 

@@ -3,15 +3,20 @@ through ``commands`` with the settings a ``make_settings`` fixture wrote (confte
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erp_push import commands
 from erp_push.report import RunReport
 from erp_push.settings import Need, load_settings
+
+if TYPE_CHECKING:
+    from tests.sandbox.control import SandboxControl
 
 # The type of the ``make_settings`` fixture: (server, *, config=, secrets=, name=) -> path.
 MakeSettings = Callable[..., Path]
@@ -30,6 +35,30 @@ def run_cli(
         env=env,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextlib.contextmanager
+def cli_fetching(control: SandboxControl, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """The real command line in a child, handed over once it has fetched an invoice (so a
+    signal lands mid-run: make the sandbox's GET slow); killed on leaving if still alive."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "erp_push", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while control.request_counts().get("get", 0) == 0:
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline, "the run never fetched an invoice"
+            time.sleep(0.05)
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
 
 
 def push(path: Path, **kwargs: Any) -> RunReport:

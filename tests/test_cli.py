@@ -10,8 +10,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from erp_push import __version__
 from erp_push.cli import app
 from erp_push.errors import ExitCode
 from erp_push.settings import SETTINGS_REFERENCE
-from tests.helpers import MakeSettings, run_cli
+from tests.helpers import MakeSettings, cli_fetching, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 
@@ -420,25 +418,9 @@ def test_sigterm_mid_run_unwinds_like_ctrl_c(
     settings = str(make_settings(asyncssh_sftp))
     # GET answers after 2 s: the run is surely mid-invoice when the signal comes.
     sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 2000}])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "erp_push", "push", "--settings", settings, "--drain"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while sandbox.control.request_counts().get("get", 0) == 0:
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the run never fetched an invoice"
-            time.sleep(0.05)
+    with cli_fetching(sandbox.control, "push", "--settings", settings, "--drain") as child:
         child.send_signal(signal.SIGTERM)
         _stdout, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
 
     assert child.returncode == 143, stderr
     assert "terminated:" in stderr and "Traceback" not in stderr

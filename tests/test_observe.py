@@ -12,9 +12,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from erp_push.errors import ExitCode
-from tests.helpers import MakeSettings, run_cli
+from tests.helpers import MakeSettings, cli_fetching, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 
@@ -324,25 +321,9 @@ def test_a_terminated_run_still_writes_its_metrics_and_a_json_line(
     # GET answers after 2 s: the run is surely mid-invoice when the signal comes.
     sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 2000}])
     args = ["push", "--settings", str(make_settings(asyncssh_sftp)), "--log-format", "json"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "erp_push", *args, "--metrics-file", str(metrics)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while sandbox.control.request_counts().get("get", 0) == 0:
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the run never fetched an invoice"
-            time.sleep(0.05)
+    with cli_fetching(sandbox.control, *args, "--metrics-file", str(metrics)) as child:
         child.send_signal(signal.SIGTERM)
         _stdout, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
 
     assert child.returncode == 143, stderr
     records = json_lines(stderr)

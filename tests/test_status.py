@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from erp_push.status import (
     read_status,
     why_waiting,
 )
-from tests.helpers import MakeSettings, run_cli
+from tests.helpers import MakeSettings, cli_fetching, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo, free_port
 from tests.test_exactly_once import (
@@ -164,26 +163,10 @@ def test_status_shows_a_live_runs_invoice_and_a_sigterm_run_ends_with_143(
     sandbox.control.seed(1)
     settings = str(make_settings(asyncssh_sftp))
     sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 3000}])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "erp_push", "push", "--settings", settings],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while sandbox.control.request_counts().get("get", 0) == 0:
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the run never fetched an invoice"
-            time.sleep(0.05)
+    with cli_fetching(sandbox.control, "push", "--settings", settings) as child:
         during = status_json(Path(settings))
         child.send_signal(signal.SIGTERM)
         _out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
     assert child.returncode == 143, err
 
     [live] = during["unfinished"]

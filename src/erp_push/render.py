@@ -20,6 +20,7 @@ import hashlib
 import io
 import math
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -66,6 +67,15 @@ class RenderedFile:
     body: bytes  # exact bytes to upload
     invoice_number: str  # as written in the file (trimmed)
     sha256: str  # hex digest of body
+
+    # What publish streams (publish.Content): a CSV is one small piece.
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        for start in range(0, len(self.body), size):
+            yield self.body[start : start + size]
 
 
 def render_invoice(invoice: Invoice, *, keys: FieldKeys, today: date) -> RenderedFile:

@@ -847,7 +847,9 @@ def _gave_up(error: errors.NuntiqError, why: str, garbled: int = 0) -> errors.Nu
 
 
 def _attachment_too_large(token: str, cap: int, announced: int | None) -> errors.AttachmentTooLarge:
-    size = f"announced as {announced:,} bytes" if announced is not None else f"more than {cap:,} bytes"
+    size = (
+        f"announced as {announced:,} bytes" if announced is not None else f"more than {cap:,} bytes"
+    )
     return errors.AttachmentTooLarge(
         f"attachment {token} is too large ({size}; at most {cap:,} are downloaded)"
     )

@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Literal
 
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
+    AttachmentFailed,
     ErpPushError,
     FailureCode,
     InvalidTransition,
     LeaseExpired,
     LeaseLapsing,
+    NameTaken,
     NuntiqAuthError,
     NuntiqDeadlineReached,
     NuntiqError,
@@ -50,11 +52,12 @@ from erp_push.errors import (
     SftpUnreachable,
 )
 from erp_push.journal import Entry, Journal, Step
-from erp_push.models import Lease
+from erp_push.models import Invoice, Lease
 from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
+    from erp_push.attachments import AttachmentOptions
     from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
@@ -111,6 +114,7 @@ class PushPlan:
     max_invoices: int | None
     max_run_seconds: float
     publish_mode: Literal["rename", "direct"]
+    attachments: AttachmentOptions | None = None  # None: no attachments are pushed
 
 
 class RunStopped(Exception):
@@ -419,9 +423,18 @@ class InvoiceWorker:
                 message=f"not uploaded: {self.health.refusing}",
             )
         try:
-            delivery = self._publish(file, lease)
-        except LeaseLapsing as exc:
+            delivery = self._publish(file, lease, detail.invoice)
+        except (LeaseLapsing, NameTaken) as exc:
             return Outcome(token, Result.PENDING, file.invoice_number, message=str(exc))
+        except AttachmentFailed as exc:  # this invoice's attachment: it fails alone
+            self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
+            return Outcome(
+                token,
+                Result.FAILED,
+                file.invoice_number,
+                failure_code=exc.failure_code,
+                message=truncate(str(exc)),
+            )
         except SftpOperationError as exc:
             if exc.failure_code == UNEXPLAINED_WRITE_FAILURE:
                 self.health.unexplained_failure(str(exc))
@@ -452,14 +465,17 @@ class InvoiceWorker:
         """Uploading on a lease about to lapse risks another run holding the invoice."""
         return lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC)
 
-    def _publish(self, file: RenderedFile, lease: Lease) -> Delivery:
+    def _publish(
+        self, file: RenderedFile, lease: Lease, invoice: Invoice | None = None
+    ) -> Delivery:
         """Publish ``file``, once: after a dropped connection, look before uploading again.
 
         ``publish`` itself first looks for an identical file under the invoice's names
         (outbox and sent/), so the retry on a fresh connection finds a file the server
         published just before the connection dropped, and uploads nothing. The lease is
         asked at the last moment before anything becomes visible to the ERP, on the
-        first try and on the retry alike.
+        first try and on the retry alike. With ``plan.attachments``, the invoice's
+        attachments are downloaded first and published before the CSV (attachments.py).
         """
         from erp_push import publish
 
@@ -468,9 +484,30 @@ class InvoiceWorker:
             sent=self.plan.sent,
             mode=self.plan.publish_mode,
         )
+        files = None
+        if self.plan.attachments is not None and invoice is not None:
+            from erp_push.attachments import InvoiceFiles
+
+            files = InvoiceFiles.fetch(
+                self.nuntiq,
+                invoice,
+                file,
+                self.plan.attachments,
+                self.journal,
+                must_end_by=lease.lease_expires_at - LEASE_SAFETY_MARGIN,
+                on_checkpoint=self.checkpoint,
+            )
 
         def attempt() -> Delivery:
             with self.sessions.session() as sftp:
+                if files is not None:
+                    return files.publish(
+                        sftp,
+                        drop,
+                        traits=self.sessions.traits,
+                        may_publish=lambda: not self._lease_too_short(lease),
+                        on_checkpoint=self.checkpoint,
+                    )
                 return publish.publish(
                     sftp,
                     drop,
@@ -480,6 +517,15 @@ class InvoiceWorker:
                     on_checkpoint=self.checkpoint,
                 )
 
+        try:
+            return self._publish_retried(attempt, file, lease)
+        finally:
+            if files is not None:
+                files.close()
+
+    def _publish_retried(
+        self, attempt: Callable[[], Delivery], file: RenderedFile, lease: Lease
+    ) -> Delivery:
         retries_left = PUBLISH_RETRIES
         while True:
             try:

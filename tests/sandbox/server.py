@@ -302,7 +302,11 @@ class SandboxApp:
             raise validation_error("seed must be an integer")
         if not isinstance(awkward, bool):
             raise validation_error("awkward must be a boolean")
-        if not isinstance(per_invoice, int) or isinstance(per_invoice, bool) or not 0 <= per_invoice <= 100:
+        if (
+            not isinstance(per_invoice, int)
+            or isinstance(per_invoice, bool)
+            or not 0 <= per_invoice <= 100
+        ):
             raise validation_error("attachments_per_invoice must be an integer 0..100")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 2**40:
             raise validation_error("attachment_bytes must be a non-negative integer")
@@ -512,9 +516,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         disposition = "inline" if inline else "attachment"
         # filename= must stay ASCII, quote-safe and on one line (a CR LF in a name would
         # end the header); filename* carries the exact UTF-8 name, percent-encoded.
-        ascii_name = "".join(
-            c if " " <= c < "\x7f" and c != '"' else "_" for c in f.file_name
-        )
+        ascii_name = "".join(c if " " <= c < "\x7f" and c != '"' else "_" for c in f.file_name)
         self.send_response(200)
         self.send_header("Content-Type", f.content_type)
         self.send_header("Content-Length", str(f.size))

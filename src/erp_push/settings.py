@@ -251,8 +251,8 @@ class Config(BaseModel):
     # Attachments
     push_attachments: bool = Field(
         default=False,
-        description="Also upload each invoice's attachments, as <csv stem>-<safe file "
-        "name>, before its CSV (which is published last).",
+        description="Also upload each invoice's attachments, named after its CSV, "
+        "before the CSV (which is published last).",
     )
     attachment_types: list[str] | None = Field(
         default=None,
@@ -574,6 +574,8 @@ def _default_text(json_key: str, info: FieldInfo) -> str | None:
     if info.default is None or info.default_factory is not None:
         return None
     default = info.default
+    if isinstance(default, bool):
+        return str(default).lower()  # as the JSON file spells it
     return str(default) if not isinstance(default, float) else f"{default:g}"
 
 

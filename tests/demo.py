@@ -3,8 +3,9 @@
 Starts the Nuntiq sandbox and an SFTP server (asyncssh over a folder) as subprocesses,
 seeds invoices (some deliberately awkward), puts an unrelated file in the ERP's sent/
 folder under a name one invoice will want, then runs the real `erp-push` command line:
-dry-run, push --drain, an idle push, and a push with attachments. Shows what Nuntiq recorded and which files
-landed, then stops both servers. Everything lives in ./.demo (removed at the next demo).
+dry-run, push --drain, an idle push, and a push with attachments. Shows what Nuntiq
+recorded and which files landed, then stops both servers. Everything lives in ./.demo
+(removed at the next demo).
 """
 
 from __future__ import annotations

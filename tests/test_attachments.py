@@ -443,24 +443,27 @@ def _no_csv_without_its_attachments(
             assert mine <= set(files), f"{csv_name} landed without {mine - set(files)}"
 
 
-# A lost journal matters where attachments landed and the CSV did not: they are found
-# by their bytes then.
-CRASHES = [(step, "kept") for step in CRASH_POINTS] + [
-    ("attachment_published", "lost"),
-    ("attachment_recorded", "lost"),
+# Every step on asyncssh; on OpenSSH where the attachments are there and the CSV is not.
+# A lost journal matters there too: they are found by their bytes then.
+CRASHES = [(step, "kept", "asyncssh") for step in CRASH_POINTS] + [
+    ("attachment_recorded", "kept", "openssh"),
+    ("attachment_published", "lost", "asyncssh"),
+    ("attachment_recorded", "lost", "asyncssh"),
 ]
 
 
-@pytest.mark.parametrize(("step", "journal"), CRASHES)
+@pytest.mark.parametrize(("step", "journal", "kind"), CRASHES)
 def test_a_run_killed_at_any_step_delivers_every_file_once(
     step: str,
     journal: str,
+    kind: str,
     sandbox: Sandbox,
-    asyncssh_sftp: SftpServerInfo,
     make_settings: MakeSettings,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    server = asyncssh_sftp
+    server: SftpServerInfo = request.getfixturevalue(f"{kind}_sftp")
+    server.clear()
     tokens = sandbox.control.seed(3, attachments_per_invoice=2, attachment_bytes=40_000)
     expected = expected_set(sandbox, tokens, 40_000)
     csvs = [expected_csv(sandbox, t)[0] for t in tokens]
@@ -483,6 +486,26 @@ def test_a_run_killed_at_any_step_delivers_every_file_once(
     # files of uploads the kill interrupted (cleanup-tmp's to remove).
     final = {n: b for n, b in outbox_files(server).items() if not TMP_PATTERN.match(n)}
     assert final == expected
+    server.clear()
+
+
+def test_a_later_failure_removes_the_attachments_an_earlier_run_left(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """Killed after both attachments landed, before the CSV; meanwhile one attachment
+    vanished from Nuntiq: the invoice fails, and what the dead run wrote goes too."""
+    server = asyncssh_sftp
+    (token,) = sandbox.control.seed(1, attachments_per_invoice=2, attachment_bytes=3000)
+    path = make_settings(server, config={**ON, "lease_ttl_seconds": LEASE_TTL})
+    killed = cli("push", "--settings", str(path), kill_at="attachment_recorded@2")
+    assert killed.returncode == -9, killed.stderr
+    assert len(settled(server)) == 2  # both attachments, no CSV
+    sandbox.control.delete_attachment(served(sandbox, token)["attachments"][0]["attachment_token"])
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    assert cli("push", "--settings", str(path)).returncode == ExitCode.SOME_FAILED
+    row = sandbox.control.invoice(token)
+    assert (row["status"], row["failure_code"]) == (97, "ATTACHMENT_MISSING")
+    assert outbox_files(server) == {}
 
 
 # --- memory --------------------------------------------------------------------------------

@@ -171,11 +171,12 @@ def download(
     to fail alone; LeaseLapsing when no time is left before ``must_end_by``; any other
     ``NuntiqError`` (interrupted, refused for now) as the client raised it.
     """
-    budget = None
+    budget = nuntiq.attachment_budget(options.max_bytes)
     if must_end_by is not None:
-        budget = (must_end_by - datetime.now(UTC)).total_seconds()
-        if budget <= 0:
+        left = (must_end_by - datetime.now(UTC)).total_seconds()
+        if left <= 0:
             raise LeaseLapsing("the lease is too close to expiry to download the attachments")
+        budget = min(budget, left)  # a download that outlives the lease is of no use
     spool = tempfile.TemporaryFile()  # noqa: SIM115 (owned by the Spooled returned)
     try:
         size = nuntiq.download_attachment(
@@ -254,14 +255,18 @@ class InvoiceFiles:
         *,
         must_end_by: datetime | None = None,
         on_checkpoint: Callable[[str], None] = lambda _step: None,
-    ) -> InvoiceFiles:
-        """Download the selected attachments. A missing or too large one is kept as
-        ``failure`` (``publish`` then removes what earlier tries left, and raises it);
-        a transient failure raises at once."""
+    ) -> InvoiceFiles | None:
+        """Download the selected attachments; None when the invoice has none (and no
+        earlier try left any): its CSV is published as without attachments. A missing
+        or too large one is kept as ``failure`` (``publish`` then removes what earlier
+        tries left, and raises it); a transient failure raises at once."""
+        wanted = selected(invoice, options)
+        if not wanted and not journal.attachments(invoice.invoice_token):
+            return None
         files: list[Spooled] = []
         failure = None
         try:
-            for attachment in selected(invoice, options):
+            for attachment in wanted:
                 try:
                     files.append(download(nuntiq, attachment, options, must_end_by=must_end_by))
                 except AttachmentFailed as exc:

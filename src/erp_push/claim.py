@@ -538,6 +538,11 @@ class NuntiqClient:
 
     # --- attachments ------------------------------------------------------------------
 
+    def attachment_budget(self, max_bytes: int | None) -> float:
+        """The default time for a whole download of at most ``max_bytes``: the idle
+        timeout plus that size at ATTACHMENT_MIN_RATE."""
+        return self._timeout + (max_bytes or DEFAULT_MAX_ATTACHMENT_BYTES) / ATTACHMENT_MIN_RATE
+
     def download_attachment(
         self,
         attachment_token: str,
@@ -550,8 +555,8 @@ class NuntiqClient:
 
         Never held whole in memory. Its time is not the whole-request ``timeout`` meant
         for small JSON answers: every read must bring data within ``timeout`` (an idle
-        bound), and the whole download must end within ``budget`` seconds (default: the
-        timeout plus what ``max_bytes`` takes at ATTACHMENT_MIN_RATE bytes/s). More than
+        bound), and the whole download, retries included, must end within ``budget``
+        seconds (default: ``attachment_budget(max_bytes)``). More than
         ``max_bytes`` (announced or counted) raises ``errors.AttachmentTooLarge`` at once,
         without reading further.
 
@@ -564,7 +569,7 @@ class NuntiqClient:
         start = _position(dest)
         cap = max_bytes
         if budget is None:
-            budget = self._timeout + (cap or DEFAULT_MAX_ATTACHMENT_BYTES) / ATTACHMENT_MIN_RATE
+            budget = self.attachment_budget(cap)
 
         def attempt(deadline: float) -> int:
             written = 0
@@ -708,8 +713,8 @@ class NuntiqClient:
     ) -> T:
         """Run ``attempt(deadline)`` until it returns, fails for good, or time runs out.
 
-        Each attempt has ``timeout`` seconds, or ``attempt_budget`` (a download), which
-        then also extends the call's budget by as much."""
+        Each attempt has ``timeout`` seconds; a download has ``attempt_budget`` instead,
+        for all its attempts together (its own time, not the policy's)."""
         if endpoint.bookkeeping:
             # The run's own records: still sent after the run's deadline (so that its
             # end is recorded), but never for long.
@@ -724,7 +729,7 @@ class NuntiqClient:
             refused.attempts = 0
             raise refused
         each = self._timeout if attempt_budget is None else attempt_budget
-        call_end = started + policy.max_elapsed + (attempt_budget or 0.0)
+        call_end = started + (policy.max_elapsed if attempt_budget is None else attempt_budget)
         garbled = 0
         for number in range(1, policy.max_attempts + 1):
             try:

@@ -139,7 +139,9 @@ def checkpoint(step: str) -> None:
 
     The run's default ``on_checkpoint`` hook: every step of the pipeline ("claimed",
     "fetched", "published_recorded", "acknowledged", "reported") and of publish
-    ("tmp_open", "tmp_written", "published") passes through it.
+    ("tmp_open", "tmp_written", "published") passes through it; with attachments also
+    "attachments_downloaded", each attachment's publish steps prefixed "attachment_",
+    and "attachment_recorded".
     """
     if not _KILL_STEP or step != _KILL_STEP:
         return

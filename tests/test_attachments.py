@@ -201,6 +201,14 @@ def test_the_sandbox_serves_generated_attachments_and_its_controls(sandbox: Sand
         with pytest.raises(NuntiqNotFound):
             client.download_attachment(first, as_file(_Sink()))
     assert sandbox.control.request_counts()["attachment"] == 4
+    # bad control input is refused, as every control's is
+    for body in ({"attachments_per_invoice": -1}, {"attachment_bytes": "big"}):
+        with pytest.raises(RuntimeError, match="400"):
+            sandbox.control._call("POST", "/seed", {"count": 1, **body})
+    with pytest.raises(RuntimeError, match="attachment endpoint only"):
+        sandbox.control.set_faults([{"endpoint": "get", "kind": "truncate"}])
+    with pytest.raises(RuntimeError, match="404"):
+        sandbox.control.delete_attachment(first)
 
 
 class _Sink:
@@ -417,6 +425,12 @@ def test_render_saves_the_attachments_under_push_names(
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
         n: b for n, b in expected.items() if n != csv_name
     }
+    # a folder that cannot be written is one line, not a traceback
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = cli("render", token, "--settings", str(path), "--attachments", str(blocked / "x"))
+    assert result.returncode == ExitCode.SOME_FAILED
+    assert "cannot write" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- exactly once: a SIGKILL at every step ------------------------------------------------

@@ -276,6 +276,10 @@ class InvoiceFiles:
             for spooled in files:
                 spooled.close()
             raise
+        if failure is not None and not journal.attachments(invoice.invoice_token):
+            for spooled in files:
+                spooled.close()
+            raise failure  # nothing of it on the server to remove: no SFTP needed
         on_checkpoint("attachments_downloaded")
         return cls(invoice.invoice_token, csv, files, journal, failure)
 

@@ -263,6 +263,41 @@ def test_a_stalled_download_is_cut_by_the_idle_timeout_not_waited_for(sandbox: S
     assert sandbox.control.request_counts()["attachment"] == 2  # cut, then whole
 
 
+def test_a_download_without_a_length_stops_at_the_cap() -> None:
+    """A chunked body (no Content-Length to refuse up front) is counted as it streams:
+    reading stops past max_bytes, long before the server is done."""
+    from erp_push.errors import AttachmentTooLarge
+    from tests import hostile_http
+
+    total = 200_000_000
+    with (
+        hostile_http.RawServer(hostile_http.flooding(total, chunked=True)) as server,
+        NuntiqClient(server.url, SecretStr("k")) as client,
+        pytest.raises(AttachmentTooLarge, match="more than 1,000,000 bytes"),
+    ):
+        client.download_attachment("x", as_file(_Sink()), max_bytes=1_000_000)
+    server.wait_finished()
+    (talk,) = server.conversations
+    assert talk.hung_up and talk.sent < total
+
+
+def test_a_trickled_download_ends_within_its_budget() -> None:
+    """A byte every 20 ms satisfies any idle timeout for ever; the download's own budget
+    (retries included) still ends it, the connection dropped before all was sent."""
+    from erp_push.errors import NuntiqUnavailable
+    from tests import hostile_http
+
+    total = 400
+    with (
+        hostile_http.RawServer(hostile_http.trickling(total, 0.02, in_headers=False)) as server,
+        NuntiqClient(server.url, SecretStr("k"), timeout=5) as client,
+        pytest.raises(NuntiqUnavailable),
+    ):
+        client.download_attachment("x", as_file(_Sink()), budget=1.0)
+    server.wait_finished()
+    assert all(talk.hung_up and talk.sent < total for talk in server.conversations)
+
+
 # --- pushing -----------------------------------------------------------------------------
 
 

@@ -136,6 +136,7 @@ def test_attachment_names_are_safe_bounded_and_distinct() -> None:
         "rapport été.pdf",
         "archive.tar.gz",
         "weird.ext with space",
+        "statement.CSV",  # the ERP reads every *.csv in the outbox as an invoice
     ]
     names = remote_names("INV-1-20261201.csv", [_att(n, i) for i, n in enumerate(awkward)])
     assert all(n.startswith("INV-1-20261201-") for n in names)
@@ -155,6 +156,8 @@ def test_attachment_names_are_safe_bounded_and_distinct() -> None:
     assert names[10] == "INV-1-20261201-rapport__t_.pdf"
     assert names[11] == "INV-1-20261201-archive_tar.gz"
     assert names[12] == "INV-1-20261201-weird_ext_with_space"
+    assert names[13] == "INV-1-20261201-statement_CSV.txt"
+    assert not any(n.lower().endswith(".csv") for n in names)
     # The same invoice gets the same names on every run.
     assert names == remote_names("INV-1-20261201.csv", [_att(n, i) for i, n in enumerate(awkward)])
     # A CSV stem at its longest still leaves the attachment a recognisable part.

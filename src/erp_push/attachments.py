@@ -87,26 +87,35 @@ def remote_names(csv_name: str, attachments: Sequence[Attachment]) -> list[str]:
     names come out the same (ignoring case, as Windows servers do) get ``_2``, ``_3``…
     in the order Nuntiq lists them, so a later run gives them the same names.
     """
-    stem = posixpath.splitext(csv_name)[0]
+    stem, csv_ext = posixpath.splitext(csv_name)
     room = max(MAX_NAME_BYTES - len(stem) - 1, MIN_PART_BYTES)
     seen: set[str] = set()
     names = []
     for attachment in attachments:
-        part = safe_part(attachment.file_name, room)
+        part = safe_part(attachment.file_name, room, avoid=csv_ext)
         n = 1
         while part.lower() in seen:
             n += 1
-            part = safe_part(attachment.file_name, room, dedupe=n)
+            part = safe_part(attachment.file_name, room, dedupe=n, avoid=csv_ext)
         seen.add(part.lower())
         names.append(f"{stem}-{part}")
     return names
 
 
-def safe_part(file_name: str, room: int = MAX_FILE_NAME_BYTES, *, dedupe: int = 1) -> str:
-    """An attachment's own file name made safe, at most ``room`` bytes (see remote_names)."""
+def safe_part(
+    file_name: str, room: int = MAX_FILE_NAME_BYTES, *, dedupe: int = 1, avoid: str = ".csv"
+) -> str:
+    """An attachment's own file name made safe, at most ``room`` bytes (see remote_names).
+
+    An attachment with the extension of the ERP's own files (``avoid``: the poller reads
+    every ``*.csv`` in the outbox as an invoice) keeps it inside its name and gets
+    ``.txt``: ``data.csv`` becomes ``data_csv.txt``.
+    """
     base, dot, extension = file_name.rpartition(".")
     if not (dot and base.strip(".") and _plain_extension(extension)):
         base, extension = file_name, ""
+    if extension and f".{extension}".lower() == avoid.lower():
+        base, extension = f"{base}_{extension}", "txt"
     ext = f".{extension}" if extension else ""
     safe = "".join(c if _is_safe_name_char(c) else "_" for c in base)
     if not safe.strip("_"):

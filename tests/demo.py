@@ -3,8 +3,9 @@
 Starts the Nuntiq sandbox and an SFTP server (asyncssh over a folder) as subprocesses,
 seeds invoices (some deliberately awkward), puts an unrelated file in the ERP's sent/
 folder under a name one invoice will want, then runs the real `erp-push` command line:
-dry-run, push --drain, and an idle push. Shows what Nuntiq recorded and which files
-landed, then stops both servers. Everything lives in ./.demo (removed at the next demo).
+dry-run, push --drain, an idle push, and a push with attachments. Shows what Nuntiq
+recorded and which files landed, then stops both servers. Everything lives in ./.demo
+(removed at the next demo).
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def main() -> None:
             console.print(f"exit code {code} (1 = some invoices failed and were reported)")
             erp_push("push", "--settings", str(settings), env=env)
 
+            # A second pass with attachments: three invoices with two files each, pushed
+            # next to their CSV (named after it) and before it.
+            nuntiq.seed(3, seed=3, attachments_per_invoice=2, attachment_bytes=200_000)
+            console.print("Seeded 3 invoices with 2 attachments each (200 KB)")
+            with_attachments = {**env, "ERP_PUSH_PUSH_ATTACHMENTS": "true"}
+            erp_push("push", "--settings", str(settings), env=with_attachments)
+
             console.rule("[bold]What Nuntiq recorded")
             _show_statuses(nuntiq.invoices())
         console.rule("[bold]What landed in the ERP's drop folder")
@@ -218,7 +226,11 @@ def _show_files(root: Path) -> None:
         table.add_row(str(path.relative_to(root)), str(path.stat().st_size))
     console.print(table)
     tmp = [p for p in files if p.name.endswith(".tmp")]
-    console.print(f"{len(files)} files, {len(tmp)} leftover .tmp files")
+    attachments = [p for p in files if not p.name.endswith((".csv", ".tmp"))]
+    console.print(
+        f"{len(files)} files ({len(attachments)} attachments next to their CSV), "
+        f"{len(tmp)} leftover .tmp files"
+    )
     sample = next((p for p in files if p.name.startswith("INV-")), None)
     if sample:
         console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")

@@ -68,6 +68,10 @@ ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short
 DEFAULT_TIMEOUT_SECONDS = wire.DEFAULT_TIMEOUT_SECONDS
 DEFAULT_MAX_REPLY_BYTES = wire.DEFAULT_MAX_REPLY_BYTES
 DEFAULT_MAX_CONNECTIONS = 10
+DEFAULT_MAX_ATTACHMENT_BYTES = wire.DEFAULT_MAX_ATTACHMENT_BYTES
+# The slowest an attachment download may be on average: its whole-download budget is the
+# idle timeout plus its size at this rate (100 MB: about 6.5 minutes).
+ATTACHMENT_MIN_RATE = 256 * 1024
 # The loggers httpx and httpcore narrate requests on (at DEBUG, with reason phrases and
 # response headers, which a hostile server can fill with whatever it was sent).
 HTTP_LOGGERS = (
@@ -534,8 +538,27 @@ class NuntiqClient:
 
     # --- attachments ------------------------------------------------------------------
 
-    def download_attachment(self, attachment_token: str, dest: BinaryIO) -> int:
+    def attachment_budget(self, max_bytes: int | None) -> float:
+        """The default time for a whole download of at most ``max_bytes``: the idle
+        timeout plus that size at ATTACHMENT_MIN_RATE."""
+        return self._timeout + (max_bytes or DEFAULT_MAX_ATTACHMENT_BYTES) / ATTACHMENT_MIN_RATE
+
+    def download_attachment(
+        self,
+        attachment_token: str,
+        dest: BinaryIO,
+        *,
+        max_bytes: int | None = None,
+        budget: float | None = None,
+    ) -> int:
         """Stream the attachment into ``dest`` in chunks; returns the bytes written.
+
+        Never held whole in memory. Its time is not the whole-request ``timeout`` meant
+        for small JSON answers: every read must bring data within ``timeout`` (an idle
+        bound), and the whole download, retries included, must end within ``budget``
+        seconds (default: ``attachment_budget(max_bytes)``). More than
+        ``max_bytes`` (announced or counted) raises ``errors.AttachmentTooLarge`` at once,
+        without reading further.
 
         A read: retried. When the connection breaks mid-body, ``dest`` is rewound to
         where it started (when seekable) and the download starts over; an unseekable
@@ -544,21 +567,29 @@ class NuntiqClient:
         endpoint = wire.ATTACHMENT
         path = wire.path_for(endpoint, attachment_token=attachment_token)
         start = _position(dest)
+        cap = max_bytes
+        if budget is None:
+            budget = self.attachment_budget(cap)
 
         def attempt(deadline: float) -> int:
             written = 0
             try:
-                with self._exchange(endpoint, path, None, deadline) as response:
+                with self._exchange(endpoint, path, None, deadline, idle=self._timeout) as response:
+                    announced = response.headers.get("Content-Length", "")
+                    if cap is not None and announced.isdigit() and int(announced) > cap:
+                        raise _attachment_too_large(attachment_token, cap, int(announced))
                     for chunk in response.iter_bytes(CHUNK_SIZE):
-                        dest.write(chunk)
                         written += len(chunk)
+                        if cap is not None and written > cap:
+                            raise _attachment_too_large(attachment_token, cap, None)
+                        dest.write(chunk)
             except _Retryable as failure:
                 if written and not _rewind(dest, start):
                     raise failure.error from None  # cannot undo a partial write: no retry
                 raise
             return written
 
-        return self._with_retries(endpoint, attempt)
+        return self._with_retries(endpoint, attempt, attempt_budget=budget)
 
     # --- delta streams (run bookkeeping) ----------------------------------------------
 
@@ -629,16 +660,20 @@ class NuntiqClient:
         path: str,
         body: dict[str, Any] | None,
         deadline: float,
+        *,
+        idle: float | None = None,
     ) -> Iterator[httpx.Response]:
         """One attempt, over by ``deadline``: the response (streamed) when it is a
-        success; otherwise its error, wrapped in ``_Retryable`` when worth retrying."""
+        success; otherwise its error, wrapped in ``_Retryable`` when worth retrying.
+        ``idle`` also bounds each socket operation (a download: data must keep coming)."""
         limit = max(deadline - time.monotonic(), 0.001)
+        each = limit if idle is None else min(idle, limit)
         try:
             with (
                 _deadline(deadline),
                 self._lend() as http,
                 http.stream(
-                    endpoint.method, path, json=body, timeout=httpx.Timeout(limit)
+                    endpoint.method, path, json=body, timeout=httpx.Timeout(each)
                 ) as response,
             ):
                 if not response.is_success:
@@ -669,8 +704,17 @@ class NuntiqClient:
             f"{self._max_reply_bytes:,} are read)"
         )
 
-    def _with_retries(self, endpoint: wire.Endpoint, attempt: Callable[[float], T]) -> T:
-        """Run ``attempt(deadline)`` until it returns, fails for good, or time runs out."""
+    def _with_retries(
+        self,
+        endpoint: wire.Endpoint,
+        attempt: Callable[[float], T],
+        *,
+        attempt_budget: float | None = None,
+    ) -> T:
+        """Run ``attempt(deadline)`` until it returns, fails for good, or time runs out.
+
+        Each attempt has ``timeout`` seconds; a download has ``attempt_budget`` instead,
+        for all its attempts together (its own time, not the policy's)."""
         if endpoint.bookkeeping:
             # The run's own records: still sent after the run's deadline (so that its
             # end is recorded), but never for long.
@@ -684,11 +728,12 @@ class NuntiqClient:
             )
             refused.attempts = 0
             raise refused
-        call_end = started + policy.max_elapsed
+        each = self._timeout if attempt_budget is None else attempt_budget
+        call_end = started + (policy.max_elapsed if attempt_budget is None else attempt_budget)
         garbled = 0
         for number in range(1, policy.max_attempts + 1):
             try:
-                return attempt(min(time.monotonic() + self._timeout, call_end))
+                return attempt(min(time.monotonic() + each, call_end))
             except errors.NuntiqError as final:
                 final.attempts = number  # a final answer, possibly after earlier retries
                 raise
@@ -800,6 +845,15 @@ def _gave_up(error: errors.NuntiqError, why: str, garbled: int = 0) -> errors.Nu
     final = kind(f"{error.message} ({why})", status=error.status, code=error.code, hint=error.hint)
     final.attempts = error.attempts
     return final
+
+
+def _attachment_too_large(token: str, cap: int, announced: int | None) -> errors.AttachmentTooLarge:
+    size = (
+        f"announced as {announced:,} bytes" if announced is not None else f"more than {cap:,} bytes"
+    )
+    return errors.AttachmentTooLarge(
+        f"attachment {token} is too large ({size}; at most {cap:,} are downloaded)"
+    )
 
 
 def _deadline_reached(error: errors.NuntiqError, attempts: int) -> errors.NuntiqDeadlineReached:

@@ -582,6 +582,14 @@ def render(
             help="Push date for the file name (default: today, UTC).",
         ),
     ] = None,
+    attachments: Annotated[
+        Path | None,
+        typer.Option(
+            "--attachments",
+            help="Also save the invoice's attachments in this folder, under the names "
+            "push would give them.",
+        ),
+    ] = None,
     settings: SettingsOption = None,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -612,6 +620,17 @@ def render(
         sys.stdout.buffer.flush()
         if _is_terminal() and not _quiet():
             _say(f"file name: {rendered.file_name}", style="dim")
+    if attachments is not None:
+        folder = attachments
+        saved = _guarded(
+            lambda: commands.save_attachments(
+                cfg, invoice_token, folder, file_name=rendered.file_name
+            )
+        )
+        for path in saved:
+            _say(f"saved attachment {path} ({path.stat().st_size} bytes)")
+        if not saved:
+            _say(f"the invoice has no attachments to save in {folder}")
 
 
 # --- cleanup-tmp ----------------------------------------------------------------------

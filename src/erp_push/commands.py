@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ from erp_push.settings import Settings
 
 if TYPE_CHECKING:
     from erp_push.doctor import DoctorReport
+    from erp_push.models import Attachment
 
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
@@ -152,8 +154,14 @@ def dry_run(
             lease_ttl_seconds=DRY_RUN_LEASE_TTL_SECONDS,
         )
         rendered: list[tuple[str, RenderedFile | RenderError]] = []
+        attached: dict[str, list[Attachment]] = {}  # what push would upload with each
+        options = settings.config.attachment_options()
         for lease in leases:
             invoice = client.get_invoice(lease.invoice_token).invoice
+            if options is not None:
+                from erp_push.attachments import selected
+
+                attached[lease.invoice_token] = selected(invoice, options)
             try:
                 rendered.append(
                     (
@@ -169,7 +177,13 @@ def dry_run(
         report.sftp_checked = True
         try:
             for token, item in rendered:
-                report.files.append(_preview_one(session, folders, token, item))
+                previewed = _preview_one(session, folders, token, item)
+                if previewed.file_name is not None and attached.get(token):
+                    from erp_push.attachments import remote_names
+
+                    names = remote_names(previewed.file_name, attached[token])
+                    previewed = replace(previewed, attachments=names)
+                report.files.append(previewed)
         finally:
             session.close()
         return report
@@ -225,6 +239,47 @@ def render_one(
             client.close()
 
 
+def save_attachments(
+    settings: Settings,
+    invoice_token: str,
+    folder: Path,
+    *,
+    file_name: str,
+    nuntiq: NuntiqClient | None = None,
+) -> list[Path]:
+    """Download the invoice's attachments (those ``attachment_types`` selects) into
+    ``folder`` under the names push would give them next to ``file_name`` (its CSV's
+    name before collisions); streamed, each at most ``max_attachment_bytes``."""
+    from erp_push.attachments import AttachmentOptions, remote_names, selected
+    from erp_push.errors import AttachmentTooLarge, ErpPushError, NuntiqNotFound
+
+    config = settings.config
+    types = None if config.attachment_types is None else frozenset(config.attachment_types)
+    options = AttachmentOptions(types=types, max_bytes=config.max_attachment_bytes)
+    client = nuntiq or nuntiq_client(settings)
+    try:
+        attachments = selected(client.get_invoice(invoice_token).invoice, options)
+        saved = []
+        for attachment, name in zip(attachments, remote_names(file_name, attachments), strict=True):
+            path = folder / name
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as dest:
+                    client.download_attachment(
+                        attachment.attachment_token, dest, max_bytes=options.max_bytes
+                    )
+            except OSError as exc:
+                raise ErpPushError(f"cannot write {path}: {exc.strerror or exc}") from None
+            except (AttachmentTooLarge, NuntiqNotFound):
+                path.unlink(missing_ok=True)
+                raise
+            saved.append(path)
+        return saved
+    finally:
+        if nuntiq is None:
+            client.close()
+
+
 # --- cleanup-tmp ----------------------------------------------------------------------
 
 
@@ -270,4 +325,5 @@ __all__ = [
     "dry_run",
     "push",
     "render_one",
+    "save_attachments",
 ]

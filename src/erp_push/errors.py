@@ -50,6 +50,9 @@ class FailureCode(StrEnum):
     SFTP_UPLOAD_FAILED = "SFTP_UPLOAD_FAILED"
     # A failure the journal holds without its code (never written by this version).
     UNKNOWN_FAILURE = "UNKNOWN_FAILURE"
+    # An attachment of the invoice cannot be pushed with it (attachments.py).
+    ATTACHMENT_MISSING = "ATTACHMENT_MISSING"  # Nuntiq no longer has it (404)
+    ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"  # over config.max_attachment_bytes
 
 
 class ErpPushError(Exception):
@@ -214,6 +217,15 @@ class NuntiqReplyTooLarge(NuntiqProtocolError):
     hint = "Raise config.max_invoice_bytes if invoices that large are expected."
 
 
+class AttachmentTooLarge(NuntiqFatalError):
+    """An attachment larger than the client downloads (``max_attachment_bytes``, as
+    announced or as counted while streaming): reading stopped there. Its invoice fails
+    alone."""
+
+    failure_code = FailureCode.ATTACHMENT_TOO_LARGE
+    hint = "Raise config.max_attachment_bytes if attachments that large are expected."
+
+
 class NuntiqRequestInvalid(NuntiqValidationError):
     """Refused locally, before anything was sent: the request breaks a contract limit.
 
@@ -313,6 +325,20 @@ class LeaseLapsing(ErpPushError):
 
 
 # --- rendering ------------------------------------------------------------------------
+
+
+class NameTaken(ErpPushError):
+    """The name a file had to be published under (the one its attachments carry) was
+    taken meanwhile by someone else's file. Not the invoice's fault: it waits for the
+    next run, which chooses its names afresh."""
+
+
+class AttachmentFailed(ErpPushError):
+    """An attachment stops its invoice (gone from Nuntiq, or too large): it fails alone."""
+
+    def __init__(self, message: str, *, failure_code: FailureCode) -> None:
+        super().__init__(message)
+        self.failure_code = failure_code
 
 
 class RenderError(ErpPushError):

@@ -97,6 +97,18 @@ CREATE TABLE IF NOT EXISTS invoices (
     updated_at       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS invoices_open ON invoices (step) WHERE step != 'reported';
+-- Attachments pushed with an invoice (config.push_attachments), each journaled once it
+-- is under its final name: a later try re-uses it, or removes it if its name changed.
+CREATE TABLE IF NOT EXISTS attachments (
+    invoice_token    TEXT NOT NULL,
+    attachment_token TEXT NOT NULL,
+    remote_path      TEXT NOT NULL,
+    sha256           TEXT NOT NULL,
+    size             INTEGER NOT NULL,
+    created          INTEGER NOT NULL,  -- 1: erp-push wrote it (0: an identical file was there)
+    updated_at       TEXT NOT NULL,
+    PRIMARY KEY (invoice_token, attachment_token)
+);
 """
 
 # Each entry brings the schema from one version (PRAGMA user_version) to the next, in one
@@ -164,6 +176,17 @@ class RunRecord:
     recovered: int | None
     counts: dict[str, int]
     error: str | None
+
+
+@dataclass(frozen=True)
+class AttachmentEntry:
+    """An attachment under its final name, as the journal last saw it."""
+
+    attachment_token: str
+    remote_path: str
+    sha256: str
+    size: int
+    created: bool
 
 
 def _now() -> datetime:
@@ -375,6 +398,10 @@ class Journal:
             self._db.execute(
                 "DELETE FROM resends WHERE done_at IS NOT NULL AND done_at < ?", (cutoff,)
             )
+            self._db.execute(
+                "DELETE FROM attachments WHERE invoice_token NOT IN"
+                " (SELECT invoice_token FROM invoices)"
+            )
         return cur.rowcount
 
     # --- runs: what `erp-push status` shows -------------------------------------------
@@ -485,6 +512,47 @@ class Journal:
                 (invoice_token,),
             ).fetchone()
         return resend_from_row(row) if row else None
+
+    # --- attachments ------------------------------------------------------------------
+
+    def attachments(self, invoice_token: str) -> dict[str, AttachmentEntry]:
+        """The invoice's journaled attachments, by attachment token."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT attachment_token, remote_path, sha256, size, created FROM attachments"
+                " WHERE invoice_token = ?",
+                (invoice_token,),
+            ).fetchall()
+        return {
+            str(t): AttachmentEntry(str(t), str(p), str(h), int(n), bool(c))
+            for t, p, h, n, c in rows
+        }
+
+    def record_attachment(self, invoice_token: str, entry: AttachmentEntry) -> None:
+        """Committed before the next file of the invoice is published."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO attachments (invoice_token, attachment_token,"
+                " remote_path, sha256, size, created, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    invoice_token,
+                    entry.attachment_token,
+                    entry.remote_path,
+                    entry.sha256,
+                    entry.size,
+                    int(entry.created),
+                    _iso(_now()),
+                ),
+            )
+
+    def forget_attachment(self, invoice_token: str, entry: AttachmentEntry) -> None:
+        """Forget ``entry`` (removed from the server); a newer row for it stays."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM attachments WHERE invoice_token = ? AND attachment_token = ?"
+                " AND remote_path = ?",
+                (invoice_token, entry.attachment_token, entry.remote_path),
+            )
 
     # --- internals --------------------------------------------------------------------
 

@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, Literal
 from erp_push import logs
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
+    AttachmentFailed,
     ErpPushError,
     FailureCode,
     InvalidTransition,
     LeaseExpired,
     LeaseLapsing,
+    NameTaken,
     NuntiqAuthError,
     NuntiqDeadlineReached,
     NuntiqError,
@@ -51,11 +53,12 @@ from erp_push.errors import (
     SftpUnreachable,
 )
 from erp_push.journal import Entry, Journal, Step
-from erp_push.models import Lease
+from erp_push.models import Invoice, Lease
 from erp_push.render import FieldKeys, RenderedFile, RenderRules, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
+    from erp_push.attachments import AttachmentOptions
     from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
@@ -115,6 +118,7 @@ class PushPlan:
     max_run_seconds: float
     publish_mode: Literal["rename", "direct"]
     render_rules: RenderRules
+    attachments: AttachmentOptions | None = None  # None: no attachments are pushed
 
 
 class RunStopped(Exception):
@@ -139,7 +143,9 @@ def checkpoint(step: str) -> None:
 
     The run's default ``on_checkpoint`` hook: every step of the pipeline ("claimed",
     "fetched", "published_recorded", "acknowledged", "reported") and of publish
-    ("tmp_open", "tmp_written", "published") passes through it.
+    ("tmp_open", "tmp_written", "published") passes through it; with attachments also
+    "attachments_downloaded", each attachment's publish steps prefixed "attachment_",
+    and "attachment_recorded".
     """
     if not _KILL_STEP or step != _KILL_STEP:
         return
@@ -432,9 +438,18 @@ class InvoiceWorker:
                 message=f"not uploaded: {self.health.refusing}",
             )
         try:
-            delivery = self._publish(file, lease, resend=entry.resend)
-        except LeaseLapsing as exc:
+            delivery = self._publish(file, lease, detail.invoice, resend=entry.resend)
+        except (LeaseLapsing, NameTaken) as exc:
             return Outcome(token, Result.PENDING, file.invoice_number, message=str(exc))
+        except AttachmentFailed as exc:  # this invoice's attachment: it fails alone
+            self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
+            return Outcome(
+                token,
+                Result.FAILED,
+                file.invoice_number,
+                failure_code=exc.failure_code,
+                message=truncate(str(exc)),
+            )
         except SftpOperationError as exc:
             if exc.failure_code == UNEXPLAINED_WRITE_FAILURE:
                 self.health.unexplained_failure(str(exc))
@@ -469,18 +484,27 @@ class InvoiceWorker:
         """Uploading on a lease about to lapse risks another run holding the invoice."""
         return lease.lease_expires_at - LEASE_SAFETY_MARGIN <= datetime.now(UTC)
 
-    def _publish(self, file: RenderedFile, lease: Lease, *, resend: bool = False) -> Delivery:
+    def _publish(
+        self,
+        file: RenderedFile,
+        lease: Lease,
+        invoice: Invoice | None = None,
+        *,
+        resend: bool = False,
+    ) -> Delivery:
         """Publish ``file``, once: after a dropped connection, look before uploading again.
 
         ``publish`` itself first looks for an identical file under the invoice's names
         (outbox and sent/), so the retry on a fresh connection finds a file the server
         published just before the connection dropped, and uploads nothing. The lease is
         asked at the last moment before anything becomes visible to the ERP, on the
-        first try and on the retry alike.
+        first try and on the retry alike. With ``plan.attachments``, the invoice's
+        attachments are downloaded first and published before the CSV (attachments.py).
 
         A deliberate re-send (``resend``) looks only for its own fresh file, where an
         earlier try was about to publish it (the journal has the name), and otherwise
-        publishes beside the earlier files, never treating them as delivered.
+        publishes beside the earlier files, never treating them as delivered. It sends
+        the CSV alone: the attachments delivered with the first file stay where they are.
         """
         from erp_push import publish
 
@@ -489,6 +513,19 @@ class InvoiceWorker:
             sent=self.plan.sent,
             mode=self.plan.publish_mode,
         )
+        files = None
+        if self.plan.attachments is not None and invoice is not None and not resend:
+            from erp_push.attachments import InvoiceFiles
+
+            files = InvoiceFiles.fetch(
+                self.nuntiq,
+                invoice,
+                file,
+                self.plan.attachments,
+                self.journal,
+                must_end_by=lease.lease_expires_at - LEASE_SAFETY_MARGIN,
+                on_checkpoint=self.checkpoint,
+            )
 
         token = lease.invoice_token
 
@@ -497,9 +534,17 @@ class InvoiceWorker:
                 if resend:
                     target = self.journal.resend_target(token)
                     name = target.rpartition("/")[2] if target else None
-                    landed = name and publish.find_at(sftp, drop, name, file.body)
+                    landed = name and publish.find_at(sftp, drop, name, file)
                     if landed:  # an earlier try died after publishing, before journaling
                         return publish.Delivery(remote_path=landed, already_delivered=True)
+                if files is not None:
+                    return files.publish(
+                        sftp,
+                        drop,
+                        traits=self.sessions.traits,
+                        may_publish=lambda: not self._lease_too_short(lease),
+                        on_checkpoint=self.checkpoint,
+                    )
                 return publish.publish(
                     sftp,
                     drop,
@@ -512,6 +557,15 @@ class InvoiceWorker:
                     else None,
                 )
 
+        try:
+            return self._publish_retried(attempt, file, lease)
+        finally:
+            if files is not None:
+                files.close()
+
+    def _publish_retried(
+        self, attempt: Callable[[], Delivery], file: RenderedFile, lease: Lease
+    ) -> Delivery:
         retries_left = PUBLISH_RETRIES
         while True:
             try:

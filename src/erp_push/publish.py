@@ -41,13 +41,19 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from erp_push.errors import FailureCode, LeaseLapsing, RemoteFileMissing, SftpOperationError
+from erp_push.errors import (
+    FailureCode,
+    LeaseLapsing,
+    NameTaken,
+    RemoteFileMissing,
+    SftpOperationError,
+)
 from erp_push.transport import TMP_PATTERN, Exchange, RemoteStat, Reply, SftpSession, Status
 
 if TYPE_CHECKING:
-    from erp_push.render import RenderedFile
+    from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,32 @@ GAP = 8
 # A write that fails with a bare "Failure" on a filesystem with less than this free is
 # a full disk (OpenSSH says "Failure" for ENOSPC, and for EROFS).
 NEARLY_FULL_BYTES = 64 * 1024
+
+# Bytes go out (and are read back to compare) this many at a time: one round trip per
+# window, whatever the file's size, and never more than a window of it in memory.
+WINDOW_BYTES = 1024 * 1024
+
+
+class Content(Protocol):
+    """What gets published: a name, and bytes that can be streamed more than once (a
+    rendered CSV in memory, an attachment spooled to a local file)."""
+
+    @property
+    def file_name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self, size: int) -> Iterable[bytes]:
+        """The bytes from the start, in pieces of at most ``size``."""
+        ...
+
+    @property
+    def other_name(self) -> str | None:
+        """The name the other ``file_name_charset`` gives it, where that differs (looked
+        for too, so a change of the setting never delivers a file twice)."""
+        ...
+
 
 # A test hook called with each step's name ("tmp_open", "tmp_written", "published"): crash
 # tests kill or stall the run there (see ``pipeline.checkpoint``).
@@ -187,7 +219,7 @@ class Lookup:
 def _look(
     session: SftpSession,
     drop: Drop,
-    file: RenderedFile,
+    file: Content,
     *,
     also: Callable[[Exchange], None] | None = None,
     compare: bool = True,
@@ -233,37 +265,87 @@ def _look(
         for family in families:
             for taken in family.taken.values():
                 for path, found in taken:
-                    if not compare or path in compared or found.size != len(file.body):
+                    if not compare or path in compared or found.size != file.size:
                         continue
                     compared.add(path)
-                    if holds(session, path, file.body):
+                    if holds(session, path, file):
                         return Lookup(identical=path, today=families[0])
 
 
-def holds(session: SftpSession, path: str, body: bytes) -> bool:
-    """Does ``path`` hold exactly ``body``? Vanished or unreadable: not provably ours."""
+def holds(session: SftpSession, path: str, file: Content) -> bool:
+    """Does ``path`` hold exactly ``file``'s bytes? Vanished or unreadable: not provably ours.
+
+    Read and compared a window at a time (an attachment may be large); the last window
+    asks for one byte more, since a longer file is not ours either, and closes the file
+    in the same round trip (a CSV costs two: open, then read and close).
+    """
     try:
-        data = session.read(path, len(body))
+        with session.exchange(f"opening {path}") as batch:
+            opened = batch.open_read(path)
+        handle = opened.value
     except SftpOperationError as exc:
         log.debug("cannot compare %s: %s", path, exc.message)
         return False
-    return data == body
+    windows = iter(file.chunks(WINDOW_BYTES))
+    window: bytes | None = next(windows, b"")
+    offset = 0
+    closed = False
+    try:
+        while window is not None:
+            following = next(windows, None)
+            last = following is None
+            got = _read_range(session, handle, path, offset, len(window) + last, close=last)
+            closed = last
+            if got != window:
+                return False
+            offset += len(window)
+            window = following
+        return True
+    except SftpOperationError as exc:
+        log.debug("cannot compare %s: %s", path, exc.message)
+        return False
+    finally:
+        if not closed:
+            with session.exchange(f"closing {path}") as batch:
+                batch.close(handle, path)
 
 
-def find_at(session: SftpSession, drop: Drop, name: str, body: bytes) -> str | None:
-    """Path of the file called ``name`` in the outbox or sent/ if it holds ``body``."""
+def find_at(session: SftpSession, drop: Drop, name: str, file: Content) -> str | None:
+    """Path of the file called ``name`` in the outbox or sent/ if it holds ``file``."""
     with session.exchange(f"looking for {name}") as batch:
         replies = [
             (posixpath.join(folder, name), batch.stat(posixpath.join(folder, name)))
             for folder in drop.folders
         ]
     for path, reply in replies:
-        if reply.ok and holds(session, path, body):
+        if reply.ok and holds(session, path, file):
             return path
     return None
 
 
-def find_delivered(session: SftpSession, drop: Drop, file: RenderedFile) -> str | None:
+def _read_range(
+    session: SftpSession, handle: bytes, path: str, offset: int, length: int, *, close: bool
+) -> bytes:
+    """Up to ``length`` bytes at ``offset`` (less at the end), in one round trip."""
+    step = 32 * 1024
+    with session.exchange(f"reading {path}") as batch:
+        reads = [
+            batch.read(handle, at, min(step, offset + length - at), path)
+            for at in range(offset, offset + length, step)
+        ]
+        if close:
+            batch.close(handle, path)
+    data = bytearray()
+    for reply in reads:
+        if reply.error is not None:
+            if reply.error.sftp_code == Status.EOF:
+                break
+            raise reply.error
+        data += reply.value
+    return bytes(data)
+
+
+def find_delivered(session: SftpSession, drop: Drop, file: Content) -> str | None:
     """Path of a file with the same bytes under the invoice's names, or None.
 
     Read-only and safe to repeat; proves delivery after a crash or reconnect.
@@ -271,7 +353,7 @@ def find_delivered(session: SftpSession, drop: Drop, file: RenderedFile) -> str 
     return _look(session, drop, file).identical
 
 
-def preview(session: SftpSession, drop: Drop, file: RenderedFile) -> Delivery:
+def preview(session: SftpSession, drop: Drop, file: Content) -> Delivery:
     """What ``publish`` would do now, without writing anything (for dry-run).
 
     ``already_delivered`` with the identical file's path, or the outbox path the file
@@ -292,12 +374,13 @@ def preview(session: SftpSession, drop: Drop, file: RenderedFile) -> Delivery:
 def publish(
     session: SftpSession,
     drop: Drop,
-    file: RenderedFile,
+    file: Content,
     *,
     traits: ServerTraits | None = None,
     may_publish: Callable[[], bool] | None = None,
     on_checkpoint: Checkpoint | None = None,
     fresh: Callable[[str], None] | None = None,
+    only_name: str | None = None,
 ) -> Delivery:
     """Put ``file`` into the outbox under a free name, never overwriting anything.
 
@@ -310,6 +393,8 @@ def publish(
     file before writing anything. ``on_checkpoint`` is a test hook called at each step.
     ``fresh``: a deliberate re-send (see the module docstring); it is called with each
     final path before the file may become visible there.
+    ``only_name``: publish under exactly this name of the file's family (the name its
+    attachments were given), or raise NameTaken when someone else's file holds it.
     """
     publishing = _Publishing(
         session,
@@ -320,6 +405,7 @@ def publish(
         on_checkpoint or (lambda _name: None),
         fresh,
     )
+    publishing.only_name = only_name
     if drop.mode == "direct":
         return publishing.direct()
     return publishing.via_tmp()
@@ -332,7 +418,7 @@ class _Publishing:
         self,
         session: SftpSession,
         drop: Drop,
-        file: RenderedFile,
+        file: Content,
         traits: ServerTraits,
         may_publish: Callable[[], bool],
         on_checkpoint: Checkpoint,
@@ -347,6 +433,7 @@ class _Publishing:
         self.fresh = fresh
         self.tmp = self._fresh_tmp_name()
         self.tmp_exists = False
+        self.only_name: str | None = None
 
     def _fresh_tmp_name(self) -> str:
         """``<name>.<8 hex>.erp-push.tmp`` in the outbox: unique per upload."""
@@ -376,7 +463,7 @@ class _Publishing:
             delivery = self._move_into_place(found.today)
             self.checkpoint("published")
             return delivery
-        except (SftpOperationError, LeaseLapsing):
+        except (SftpOperationError, LeaseLapsing, NameTaken):
             self._discard_tmp()
             raise
 
@@ -389,13 +476,22 @@ class _Publishing:
         return handle
 
     def _write(self, handle: bytes, path: str) -> None:
-        """Write the body and close, one round trip; every write's status is read."""
-        with self.session.exchange(f"writing {path}") as batch:
-            writes = batch.write(handle, self.file.body, path)
-            closed = batch.close(handle, path)
-        for reply in [*writes, closed]:
-            if reply.error is not None:
-                raise self._explain(reply.error)
+        """Write the body and close, a round trip per WINDOW_BYTES (one for a CSV);
+        every write's status is read."""
+        windows = iter(self.file.chunks(WINDOW_BYTES))
+        window: bytes | None = next(windows, b"")
+        offset = 0
+        while window is not None:
+            following = next(windows, None)
+            with self.session.exchange(f"writing {path}") as batch:
+                replies = batch.write(handle, window, path, start=offset)
+                if following is None:
+                    replies.append(batch.close(handle, path))
+            for reply in replies:
+                if reply.error is not None:
+                    raise self._explain(reply.error)
+            offset += len(window)
+            window = following
 
     def _move_into_place(self, today: _Family) -> Delivery:
         for name in self._candidates(today):
@@ -409,7 +505,7 @@ class _Publishing:
                 if self._publish_as(final):
                     return Delivery(remote_path=final, already_delivered=False)
                 rival = final  # taken between our look and the link or rename
-            if self.fresh is None and holds(self.session, rival, self.file.body):
+            if self.fresh is None and holds(self.session, rival, self.file):
                 self._discard_tmp()  # a concurrent run delivered the same invoice
                 return Delivery(remote_path=rival, already_delivered=True)
             log.debug("%s was taken meanwhile; trying the next name", name)
@@ -434,6 +530,11 @@ class _Publishing:
 
     def _candidates(self, today: _Family) -> Iterator[str]:
         """Today's free names: those looked at first, then the ones after them."""
+        if self.only_name is not None:
+            yield self.only_name
+            raise NameTaken(
+                f"{self.only_name} was taken by another file before it could be published"
+            )
         yield from today.free()
         yield from today.unlooked()
 
@@ -537,7 +638,7 @@ class _Publishing:
         found = _look(self.session, self.drop, self.file, compare=self.fresh is None)
         if found.identical is not None:
             return Delivery(remote_path=found.identical, already_delivered=True)
-        looked_free = set(found.today.free())
+        looked_free = set(found.today.free()) if self.only_name is None else set()
         for name in self._candidates(found.today):
             final = posixpath.join(self.drop.outbox, name)
             if name not in looked_free and self._taken(name) is not None:
@@ -594,7 +695,7 @@ class _Publishing:
                 failure_code=FailureCode.SFTP_PERMISSION_DENIED,
                 sftp_code=error.sftp_code,
             )
-        full = fs.bytes_free < len(self.file.body) + NEARLY_FULL_BYTES
+        full = fs.bytes_free < self.file.size + NEARLY_FULL_BYTES
         if full or (fs.files_total > 0 and fs.files_free == 0):
             return SftpOperationError(
                 f"{error.message} (the outbox's filesystem is full: "
@@ -605,7 +706,7 @@ class _Publishing:
         return error
 
 
-def _no_free_name(file: RenderedFile, drop: Drop) -> SftpOperationError:
+def _no_free_name(file: Content, drop: Drop) -> SftpOperationError:
     return SftpOperationError(
         f"no free name for {file.file_name} in {drop.outbox}: {MAX_CANDIDATES} taken",
         failure_code=FailureCode.SFTP_PUBLISH_FAILED,

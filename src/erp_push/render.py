@@ -22,6 +22,7 @@ import io
 import math
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -85,6 +86,15 @@ class RenderedFile:
     # The name the other file_name_charset gives, where it differs: a run before the
     # setting changed (or before erp-push had it) may have published the file under it.
     other_name: str | None = None
+
+    # What publish streams (publish.Content): a CSV is one small piece.
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        for start in range(0, len(self.body), size):
+            yield self.body[start : start + size]
 
 
 def render_invoice(

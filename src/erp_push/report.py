@@ -283,6 +283,7 @@ class PreviewedFile:
     already_delivered: str | None = None  # path of an identical file already there
     failure_code: str | None = None
     message: str | None = None
+    attachments: list[str] = field(default_factory=list)  # uploaded before it, in order
 
 
 @dataclass
@@ -337,9 +338,10 @@ class DryRunReport(CommandReport):
                     f"already delivered as {cell(p.already_delivered)}",
                 )
             else:
+                names = [p.file_name or "", *(f"+ {name}" for name in p.attachments)]
                 table.add_row(
                     cell(p.invoice_number or ""),
-                    cell(p.file_name or ""),
+                    "\n".join(cell(name) for name in names),
                     cell(p.collision or ""),
                 )
         screen.console.print(table)

@@ -51,6 +51,7 @@ from erp_push.journal import Journal
 from erp_push.render import FieldKeys, FileNameCharset, FormulaGuard, RenderRules
 
 if TYPE_CHECKING:
+    from erp_push.attachments import AttachmentOptions
     from erp_push.pipeline import PushPlan
     from erp_push.transport import SftpOptions
 
@@ -279,6 +280,25 @@ class Config(BaseModel):
         "--metrics-file overrides it.",
     )
 
+    # Attachments
+    push_attachments: bool = Field(
+        default=False,
+        description="Also upload each invoice's attachments, named after its CSV, "
+        "before the CSV (which is published last).",
+    )
+    attachment_types: list[str] | None = Field(
+        default=None,
+        description="Attachment types pushed, e.g. INVOICE_IMAGE,EMAIL_ATTACHMENT "
+        "(comma-separated in the variable). Unset: every type.",
+    )
+    max_attachment_bytes: int = Field(
+        default=wire.DEFAULT_MAX_ATTACHMENT_BYTES,
+        ge=1,
+        le=100_000_000_000,
+        description="Largest attachment downloaded, in bytes; a larger one fails its "
+        "invoice alone (ATTACHMENT_TOO_LARGE).",
+    )
+
     @field_validator("nuntiq_base_url")
     @classmethod
     def _https_unless_loopback(cls, value: str | None) -> str | None:
@@ -292,6 +312,16 @@ class Config(BaseModel):
         if value is None or not value.strip():
             return None
         return _normalize_fingerprint(value)
+
+    @field_validator("attachment_types", mode="before")
+    @classmethod
+    def _types_from_text(cls, value: Any) -> Any:
+        # ERP_PUSH_ATTACHMENT_TYPES=INVOICE_IMAGE,EMAIL: a list in a variable.
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list) and any(not isinstance(v, str) or not v for v in value):
+            raise ValueError("each attachment type must be a non-empty name")
+        return value
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -315,6 +345,15 @@ class Config(BaseModel):
             supplier_code=self.field_supplier_code,
             vendor_address_type=self.vendor_address_type,
         )
+
+    def attachment_options(self) -> AttachmentOptions | None:
+        """What push does with attachments; None when it pushes none."""
+        if not self.push_attachments:
+            return None
+        from erp_push.attachments import AttachmentOptions
+
+        types = None if self.attachment_types is None else frozenset(self.attachment_types)
+        return AttachmentOptions(types=types, max_bytes=self.max_attachment_bytes)
 
 
 class NuntiqClientOptions(TypedDict):
@@ -423,6 +462,7 @@ class Settings(BaseSettings):
             max_run_seconds=c.max_run_seconds,
             publish_mode=c.publish_mode,
             render_rules=c.render_rules(),
+            attachments=c.attachment_options(),
         )
 
 

@@ -663,13 +663,14 @@ class Exchange:
             paramiko.SFTPAttributes(),
         )
 
-    def write(self, handle: bytes, body: bytes, path: str) -> list[Reply[None]]:
+    def write(self, handle: bytes, body: bytes, path: str, *, start: int = 0) -> list[Reply[None]]:
+        """Write ``body`` at offset ``start`` of the file (a window of a larger one)."""
         return [
             self._send(
                 Reply(f"writing {path}", None),
                 CMD_WRITE,
                 handle,
-                int64(offset),
+                int64(start + offset),
                 body[offset : offset + _WRITE_CHUNK],
             )
             for offset in range(0, len(body), _WRITE_CHUNK)

@@ -36,6 +36,7 @@ LOOPBACK_NAMES = frozenset({"localhost"})  # [ours] with 127.0.0.0/8 and ::1
 # without importing the HTTP library: `erp-push status` loads settings and never httpx.
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_MAX_REPLY_BYTES = 20_000_000
+DEFAULT_MAX_ATTACHMENT_BYTES = 100_000_000
 
 
 def base_url_problem(base_url: str) -> str | None:

@@ -31,9 +31,20 @@ class SandboxControl:
             )
         return response.json()
 
-    def seed(self, count: int, seed: int = 0, awkward: bool = False) -> list[str]:
+    def seed(
+        self,
+        count: int,
+        seed: int = 0,
+        awkward: bool = False,
+        *,
+        attachments_per_invoice: int = 0,
+        attachment_bytes: int = 2048,
+    ) -> list[str]:
         """Create ``count`` invoices at status 90; returns their tokens, oldest first."""
-        body = {"count": count, "seed": seed, "awkward": awkward}
+        body: dict[str, Any] = {"count": count, "seed": seed, "awkward": awkward}
+        if attachments_per_invoice:
+            body["attachments_per_invoice"] = attachments_per_invoice
+            body["attachment_bytes"] = attachment_bytes
         tokens: list[str] = self._call("POST", "/seed", body)["invoice_tokens"]
         return tokens
 
@@ -73,6 +84,10 @@ class SandboxControl:
 
     def clear_faults(self) -> None:
         self.set_faults([])
+
+    def delete_attachment(self, attachment_token: str) -> None:
+        """Make an attachment vanish: Nuntiq answers 404 for it from then on. Sandbox extra."""
+        self._call("DELETE", f"/attachments/{attachment_token}")
 
     def reset(self) -> None:
         """Empty the database, clear faults and request counts, reset the clock."""

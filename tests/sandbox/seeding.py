@@ -85,6 +85,52 @@ def _pdf_bytes(n: int) -> bytes:
     )
 
 
+# Generated attachments (``attachments_per_invoice``) cycle through Nuntiq's types.
+ATTACHMENT_TYPES = ("INVOICE_IMAGE", "EMAIL_ATTACHMENT", "EMAIL")
+_GENERATED_BLOCK = 64 * 1024
+
+
+def attachment_content(attachment_token: str, size: int) -> Iterator[bytes]:
+    """The deterministic bytes of a generated attachment, in blocks of 64 KiB.
+
+    Never held whole: the server streams a 50 MB attachment without 50 MB of memory,
+    and a test computes the same bytes (or their hash) to compare with what landed.
+    Each block starts with its number, so blocks delivered out of order do not match.
+    """
+    base = random.Random(f"attachment:{attachment_token}").randbytes(_GENERATED_BLOCK)
+    sent = 0
+    block = 0
+    while sent < size:
+        data = (b"%016d" % block + base[16:])[: size - sent]
+        yield data
+        sent += len(data)
+        block += 1
+
+
+def _awkward_attachments(seed: int, invoice_id: int) -> list[dict[str, Any]]:
+    """Names that must never reach the outbox as given: path separators, '..', control
+    characters, a very long name, and the same name twice in one invoice."""
+    names = (
+        "../../etc/passwd.pdf",
+        "sub/dir\\scan.png",
+        "bell\x07and\r\nnewline.pdf",
+        "..",
+        "long-" + "y" * 300 + ".pdf",
+        "scan-page-1.png",  # the same name as the PNG above
+    )
+    return [
+        {
+            "attachment_token": _token(f"attachment-awkward-{i}", seed, invoice_id),
+            "file_name": name,
+            "content_type": "image/png" if name.endswith(".png") else "application/pdf",
+            "type": "EMAIL_ATTACHMENT",
+            "parent_token": None,
+            "data": f"awkward attachment {i} of invoice {invoice_id}\n".encode(),
+        }
+        for i, name in enumerate(names)
+    ]
+
+
 @dataclass
 class SeedInvoice:
     """One generated invoice, ready to insert. ``doc`` is the JSON body of the detail."""
@@ -111,11 +157,22 @@ def _field(key: str, label: str, value: Any) -> dict[str, Any]:
     return {"key": key, "label": label, "value": value}
 
 
-def generate(count: int, *, seed: int, first_id: int, awkward: bool) -> Iterator[SeedInvoice]:
+def generate(
+    count: int,
+    *,
+    seed: int,
+    first_id: int,
+    awkward: bool,
+    attachments_per_invoice: int = 0,
+    attachment_bytes: int = 2048,
+) -> Iterator[SeedInvoice]:
     """``count`` invoices whose database ids will be ``first_id``, ``first_id + 1``, ...
 
     One at a time: a caller that turns each into a row right away never holds thousands of
     invoices as Python objects (memory, and the garbage collector's time over them).
+    ``attachments_per_invoice`` generated attachments of ``attachment_bytes`` each are
+    added to every invoice (their bytes come from ``attachment_content``, never stored);
+    the awkward ``attachments`` case keeps its own besides.
     """
     # zlib.crc32 keeps the stream stable per (seed, first_id) without relying on hash().
     rng = random.Random(zlib.crc32(f"{seed}:{first_id}".encode()))
@@ -124,6 +181,19 @@ def generate(count: int, *, seed: int, first_id: int, awkward: bool) -> Iterator
         invoice_id = first_id + i
         case = AWKWARD_CASES[i % len(AWKWARD_CASES)] if awkward else "normal"
         previous = _one(rng, seed=seed, invoice_id=invoice_id, case=case, previous=previous)
+        for k in range(attachments_per_invoice):
+            generated = {
+                "attachment_token": _token(f"attachment-generated-{k}", seed, invoice_id),
+                "file_name": f"document-{invoice_id:06d}-{k + 1}.pdf",
+                "content_type": "application/pdf",
+                "type": ATTACHMENT_TYPES[k % len(ATTACHMENT_TYPES)],
+                "parent_token": None,
+                "size": attachment_bytes,  # no "data": generated as it is served
+            }
+            previous.attachments.append(generated)
+            previous.doc["attachments"].append(
+                {k: v for k, v in generated.items() if k not in ("data", "size")}
+            )
         yield previous
 
 
@@ -295,6 +365,7 @@ def _one(
                 "parent_token": pdf_token,
                 "data": PNG_BYTES,
             },
+            *_awkward_attachments(seed, invoice_id),
         ]
 
     doc = {
@@ -304,7 +375,9 @@ def _one(
         "taxes": taxes,
         "charges": [],
         "discounts": [],
-        "attachments": [{k: v for k, v in a.items() if k != "data"} for a in attachments],
+        "attachments": [
+            {k: v for k, v in a.items() if k not in ("data", "size")} for a in attachments
+        ],
     }
     return SeedInvoice(
         invoice_token=invoice_token,

@@ -34,7 +34,10 @@ CHUNK = 64 * 1024
 FAULT_ENDPOINTS = ("claim", "get", "acknowledge", "integration_result", "attachment", "delta")
 # "garbled": the request is served, but its answer is replaced by a 200 that is not JSON
 # (a proxy's error page). "swap" (get only): the answer is another invoice's.
-FAULT_KINDS = ("status", "latency", "reset", "garbled", "swap")
+# "truncate" (attachment only): the answer's headers promise the whole file, then the
+# connection drops after ``after_bytes`` of it. "stall" (attachment only): after
+# ``after_bytes`` the body pauses for ``latency_ms``, then goes on.
+FAULT_KINDS = ("status", "latency", "reset", "garbled", "swap", "truncate", "stall")
 GARBLED_BODY = b"<html><body>502 Bad Gateway (upstream hiccup)</body></html>"
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 
@@ -74,6 +77,7 @@ class FaultRule:
     latency_ms: int = 0
     probability: float = 1.0
     count: int | None = None  # remaining hits; None = unlimited
+    after_bytes: int = 0  # truncate, stall: how much of the body goes out first
 
     @classmethod
     def parse(cls, raw: Any) -> FaultRule:
@@ -87,6 +91,7 @@ class FaultRule:
             "latency_ms",
             "probability",
             "count",
+            "after_bytes",
         }
         if unknown:
             raise validation_error(f"unknown fault rule field(s): {', '.join(sorted(unknown))}")
@@ -96,7 +101,7 @@ class FaultRule:
         if kind not in FAULT_KINDS:
             raise validation_error(f"fault kind must be one of {FAULT_KINDS}")
         rule = cls(endpoint=endpoint, kind=kind)
-        for name in ("status", "retry_after", "latency_ms", "count"):
+        for name in ("status", "retry_after", "latency_ms", "count", "after_bytes"):
             value = raw.get(name)
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -106,6 +111,8 @@ class FaultRule:
             raise validation_error("fault status must be 400..599")
         if kind == "swap" and endpoint != "get":
             raise validation_error("a swap fault applies to the get endpoint only")
+        if kind in ("truncate", "stall") and endpoint != "attachment":
+            raise validation_error(f"a {kind} fault applies to the attachment endpoint only")
         probability = raw.get("probability", 1.0)
         if (
             not isinstance(probability, int | float)
@@ -204,6 +211,12 @@ class SandboxApp:
         add("GET", "/_sandbox/clock", "sandbox", self.c_clock_get)
         add("POST", "/_sandbox/faults", "sandbox", self.c_faults)
         add("POST", "/_sandbox/reset", "sandbox", self.c_reset)
+        add(
+            "DELETE",
+            "/_sandbox/attachments/" + seg.format("token"),
+            "sandbox",
+            self.c_delete_attachment,
+        )
         add("GET", "/_sandbox/requests", "sandbox", self.c_requests)
 
     def _add(self, method: str, path: str, endpoint: str, handler: Handler) -> None:
@@ -281,13 +294,33 @@ class SandboxApp:
         count = r.body.get("count")
         seed = r.body.get("seed", 0)
         awkward = r.body.get("awkward", False)
+        per_invoice = r.body.get("attachments_per_invoice", 0)
+        size = r.body.get("attachment_bytes", 2048)
         if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 100_000:
             raise validation_error("count must be an integer 0..100000")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise validation_error("seed must be an integer")
         if not isinstance(awkward, bool):
             raise validation_error("awkward must be a boolean")
-        return {"invoice_tokens": self.store.seed(count, seed=seed, awkward=awkward)}
+        if (
+            not isinstance(per_invoice, int)
+            or isinstance(per_invoice, bool)
+            or not 0 <= per_invoice <= 100
+        ):
+            raise validation_error("attachments_per_invoice must be an integer 0..100")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 2**40:
+            raise validation_error("attachment_bytes must be a non-negative integer")
+        tokens = self.store.seed(
+            count,
+            seed=seed,
+            awkward=awkward,
+            attachments_per_invoice=per_invoice,
+            attachment_bytes=size,
+        )
+        return {"invoice_tokens": tokens}
+
+    def c_delete_attachment(self, r: Request) -> Any:
+        return self.store.delete_attachment(r.params["token"])
 
     def c_invoices(self, r: Request) -> Any:
         return {"invoices": self.store.list_invoices()}
@@ -328,6 +361,10 @@ class SandboxApp:
 
 class _Reset(Exception):
     """Raised to drop the connection without a response (the ``reset`` fault)."""
+
+
+class _Truncated(Exception):
+    """Raised to drop the connection in the middle of a body (the ``truncate`` fault)."""
 
 
 class SandboxRequestHandler(BaseHTTPRequestHandler):
@@ -405,7 +442,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
                 if not isinstance(body, dict):
                     raise validation_error("request body must be a JSON object")
             result = route.handler(Request(method, url.path, query, params, body))
-            if reply_fault == "swap":
+            if reply_fault is not None and reply_fault.kind == "swap":
                 result = app.another_invoice(params["token"])
         except _Reset:
             self._drop_connection()
@@ -417,10 +454,13 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             self.log_error("internal error: %r", e)
             self._send_json(500, {"error": "INTERNAL_ERROR", "message": repr(e)})
             return
-        if reply_fault == "garbled":
+        if reply_fault is not None and reply_fault.kind == "garbled":
             self._send_garbled()
         elif isinstance(result, AttachmentFile):
-            self._send_file(result, inline=self._flag(query, "inline"))
+            try:
+                self._send_file(result, inline=self._flag(query, "inline"), fault=reply_fault)
+            except _Truncated:
+                self._drop_connection()
         else:
             self._send_json(200, result)
 
@@ -428,16 +468,16 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
     def _flag(query: dict[str, str], name: str) -> bool:
         return query.get(name, "").lower() in ("1", "true", "yes")
 
-    def _apply_faults(self, endpoint: str) -> str | None:
-        """Delay, drop or refuse the request as the rules say; returns the kind of a
-        fault that alters the answer instead ("garbled", "swap"), if one fired."""
+    def _apply_faults(self, endpoint: str) -> FaultRule | None:
+        """Delay, drop or refuse the request as the rules say; returns a fault that
+        alters the answer instead ("garbled", "swap", "truncate", "stall"), if one fired."""
         for rule in self.server.app.faults.hits(endpoint):
             if rule.kind == "latency":
                 time.sleep(rule.latency_ms / 1000)
             elif rule.kind == "reset":
                 raise _Reset()
-            elif rule.kind in ("garbled", "swap"):
-                return rule.kind
+            elif rule.kind in ("garbled", "swap", "truncate", "stall"):
+                return rule
             else:
                 headers = {}
                 if rule.retry_after is not None:
@@ -472,21 +512,33 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(GARBLED_BODY)
 
-    def _send_file(self, f: AttachmentFile, *, inline: bool) -> None:
+    def _send_file(self, f: AttachmentFile, *, inline: bool, fault: FaultRule | None) -> None:
         disposition = "inline" if inline else "attachment"
-        # filename= must stay ASCII and quote-safe; filename* carries the exact UTF-8 name.
-        ascii_name = f.file_name.encode("ascii", "replace").decode().replace('"', "'")
+        # filename= must stay ASCII, quote-safe and on one line (a CR LF in a name would
+        # end the header); filename* carries the exact UTF-8 name, percent-encoded.
+        ascii_name = "".join(c if " " <= c < "\x7f" and c != '"' else "_" for c in f.file_name)
         self.send_response(200)
         self.send_header("Content-Type", f.content_type)
-        self.send_header("Content-Length", str(len(f.data)))
+        self.send_header("Content-Length", str(f.size))
         self.send_header(
             "Content-Disposition",
             f"{disposition}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(f.file_name)}",
         )
         self.end_headers()
-        view = memoryview(f.data)
-        for start in range(0, len(view), CHUNK):  # streamed, as the real endpoint does
-            self.wfile.write(view[start : start + CHUNK])
+        sent = 0
+        for chunk in f.chunks(CHUNK):  # streamed, as the real endpoint does
+            if fault is not None and sent + len(chunk) > fault.after_bytes:
+                head = chunk[: max(fault.after_bytes - sent, 0)]
+                self.wfile.write(head)
+                sent += len(head)
+                chunk = chunk[len(head) :]
+                self.wfile.flush()
+                if fault.kind == "truncate":
+                    raise _Truncated()
+                time.sleep(fault.latency_ms / 1000)  # stall, once
+                fault = None
+            self.wfile.write(chunk)
+            sent += len(chunk)
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:

@@ -163,7 +163,8 @@ CREATE TABLE IF NOT EXISTS attachments (
     invoice_id INTEGER NOT NULL,
     file_name TEXT NOT NULL,
     content_type TEXT NOT NULL,
-    data BLOB NOT NULL
+    data BLOB,                              -- NULL: generated as served (seeding)
+    size INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS delta_streams (
     connector_name TEXT NOT NULL,
@@ -204,7 +205,17 @@ class Tx:
 class AttachmentFile:
     file_name: str
     content_type: str
-    data: bytes
+    size: int
+    data: bytes | None  # None: generated block by block (seeding.attachment_content)
+    token: str
+
+    def chunks(self, chunk: int) -> Iterator[bytes]:
+        if self.data is None:
+            yield from seeding.attachment_content(self.token, self.size)
+            return
+        view = memoryview(self.data)
+        for start in range(0, len(view), chunk):
+            yield bytes(view[start : start + chunk])
 
 
 class Store:
@@ -553,12 +564,23 @@ class Store:
     def attachment(self, token: str) -> AttachmentFile:
         with self._reader() as conn:
             row = conn.execute(
-                "SELECT file_name, content_type, data FROM attachments WHERE attachment_token = ?",
+                "SELECT file_name, content_type, data, size FROM attachments"
+                " WHERE attachment_token = ?",
                 (token,),
             ).fetchone()
         if row is None:
             raise ApiError(404, "NOT_FOUND", f"no attachment with token {token}")
-        return AttachmentFile(row["file_name"], row["content_type"], bytes(row["data"]))
+        data = None if row["data"] is None else bytes(row["data"])
+        size = row["size"] if data is None else len(data)
+        return AttachmentFile(row["file_name"], row["content_type"], size, data, token)
+
+    def delete_attachment(self, token: str) -> dict[str, Any]:
+        """Make an attachment vanish (404 from then on), as Nuntiq may (sandbox extra)."""
+        with self.tx() as t:
+            cur = t.conn.execute("DELETE FROM attachments WHERE attachment_token = ?", (token,))
+        if cur.rowcount == 0:
+            raise ApiError(404, "NOT_FOUND", f"no attachment with token {token}")
+        return {"attachment_token": token, "deleted": True}
 
     # --- delta streams --------------------------------------------------------------
 
@@ -687,7 +709,15 @@ class Store:
 
     # --- test controls --------------------------------------------------------------
 
-    def seed(self, count: int, *, seed: int, awkward: bool) -> list[str]:
+    def seed(
+        self,
+        count: int,
+        *,
+        seed: int,
+        awkward: bool,
+        attachments_per_invoice: int = 0,
+        attachment_bytes: int = 2048,
+    ) -> list[str]:
         with self.tx() as t:
             row = t.conn.execute(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'invoices'"
@@ -699,7 +729,14 @@ class Store:
 
             def rows() -> Iterator[tuple[Any, ...]]:
                 # Streamed into executemany: one invoice exists as Python objects at a time.
-                invoices = seeding.generate(count, seed=seed, first_id=first_id, awkward=awkward)
+                invoices = seeding.generate(
+                    count,
+                    seed=seed,
+                    first_id=first_id,
+                    awkward=awkward,
+                    attachments_per_invoice=attachments_per_invoice,
+                    attachment_bytes=attachment_bytes,
+                )
                 for offset, inv in enumerate(invoices):
                     invoice_id = first_id + offset
                     # Distinct created_at per invoice (1 ms apart) keeps "oldest first" readable.
@@ -707,7 +744,7 @@ class Store:
                     tokens.append(inv.invoice_token)
                     attachments.extend(
                         (a["attachment_token"], invoice_id, a["file_name"], a["content_type"],
-                         a["data"])
+                         a.get("data"), a.get("size", 0))
                         for a in inv.attachments
                     )  # fmt: skip
                     yield (
@@ -732,7 +769,7 @@ class Store:
             )
             t.conn.executemany(
                 "INSERT INTO attachments (attachment_token, invoice_id, file_name,"
-                " content_type, data) VALUES (?, ?, ?, ?, ?)",
+                " content_type, data, size) VALUES (?, ?, ?, ?, ?, ?)",
                 attachments,
             )
             return tokens

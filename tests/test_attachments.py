@@ -171,6 +171,10 @@ def test_attachment_names_are_safe_bounded_and_distinct() -> None:
     (long,) = remote_names(long_csv, [_att("invoice scan.pdf")])
     assert len(long.encode()) <= MAX_NAME_BYTES + 10 and long.endswith(".pdf")
     assert safe_part("a" * 50 + ".pdf", 30).endswith(".pdf") and len(safe_part("a" * 50, 30)) == 30
+    # A stem of letters from another script counts in bytes (UTF-8), as file systems do.
+    wide_csv = "\u00e4" * 95 + "-20261201.csv"  # 199 bytes of stem, 104 characters
+    (wide,) = remote_names(wide_csv, [_att("s" * 200 + ".pdf")])
+    assert len(wide.encode()) <= MAX_NAME_BYTES + 10 and wide.endswith(".pdf")
 
 
 def test_attachment_types_come_from_the_file_or_a_comma_separated_variable(

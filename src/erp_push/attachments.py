@@ -88,7 +88,8 @@ def remote_names(csv_name: str, attachments: Sequence[Attachment]) -> list[str]:
     in the order Nuntiq lists them, so a later run gives them the same names.
     """
     stem, csv_ext = posixpath.splitext(csv_name)
-    room = max(MAX_NAME_BYTES - len(stem) - 1, MIN_PART_BYTES)
+    # Bytes, not characters: the stem keeps letters of any script (file_name_charset).
+    room = max(MAX_NAME_BYTES - len(stem.encode("utf-8")) - 1, MIN_PART_BYTES)
     seen: set[str] = set()
     names = []
     for attachment in attachments:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +39,22 @@ def _env(**extra: str) -> dict[str, str]:
 # --- shell completion ---------------------------------------------------------------------
 
 
+def _from_bash(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """erp-push typed into bash: typer finds the shell among the process's ancestors
+    (which a test run started from cron or CI may not have), so bash is made the parent."""
+    script = '"$@"; status=$?; exit $status'  # not the last command: bash must not exec it
+    return subprocess.run(
+        ["bash", "-c", script, "bash", sys.executable, "-m", "erp_push", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_show_completion_prints_a_bash_script_for_erp_push() -> None:
-    result = run_cli("--show-completion", "bash")
+    result = _from_bash("--show-completion")
     assert result.returncode == 0, result.stderr
     assert "_ERP_PUSH_COMPLETE=complete_bash" in result.stdout
     assert "complete -o default -F _erp_push_completion erp-push" in result.stdout
@@ -60,7 +75,7 @@ def test_the_completion_script_completes_commands_and_options() -> None:
 
 
 def test_install_completion_writes_the_script_and_sources_it(tmp_path: Path) -> None:
-    result = run_cli("--install-completion", "bash", env=_env(HOME=str(tmp_path)))
+    result = _from_bash("--install-completion", env=_env(HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     script = tmp_path / ".bash_completions" / "erp-push.sh"
     assert "_erp_push_completion" in script.read_text()

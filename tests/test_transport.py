@@ -757,3 +757,23 @@ def test_an_identical_file_is_looked_for_up_to_lookback_days_back(server: SftpSe
     assert delivery == Delivery(
         remote_path=f"{server.outbox}/{file.file_name}", already_delivered=False
     )
+
+
+@pytest.mark.parametrize("server_name", ["openssh", "asyncssh_sftp", "proftpd_sftp"])
+def test_one_exchange_larger_than_the_ssh_window_does_not_wait_on_itself(
+    server_name: str, request: pytest.FixtureRequest
+) -> None:
+    """An exchange's packets are held back and sent together (the cork); a group bigger
+    than the channel's send window (2 MB on OpenSSH) must still go out, since the server
+    opens the window only for data it has received, not for data we still hold."""
+    info: SftpServerInfo = request.getfixturevalue(server_name)
+    body = os.urandom(5 * 1024 * 1024)
+    path = f"{info.outbox}/big.bin"
+    with SftpSession.connect(info.options(operation_timeout=10)) as session:
+        with session.exchange("creating") as batch:
+            created = batch.create(path)
+        with session.exchange("writing a file bigger than the window") as batch:
+            writes = batch.write(created.value, body, path)
+            batch.close(created.value, path)
+    assert all(w.ok for w in writes)
+    assert hashlib.sha256(info.read(path)).digest() == hashlib.sha256(body).digest()

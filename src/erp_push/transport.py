@@ -452,17 +452,25 @@ class _CorkableSocket:
         """Send everything held (also other channels' packets, as TCP_CORK would)."""
         with self._lock:
             self._corks -= 1
-            if not self._held:
-                return
-            data = b"".join(self._held)
-            self._held.clear()
-            try:
-                self._send_all(data)
-            except OSError:
-                # Packets paramiko counts as sent are lost: the connection cannot go on.
-                # Shut down, so its reader (and every exchange waiting on it) sees it end.
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
+            self._flush()
+
+    def flush(self) -> None:
+        """Send what is held now, staying corked (see Exchange._send: the SSH window)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        try:
+            self._send_all(data)
+        except OSError:
+            # Packets paramiko counts as sent are lost: the connection cannot go on.
+            # Shut down, so its reader (and every exchange waiting on it) sees it end.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -624,6 +632,11 @@ def _fs_stats(kind: int, msg: paramiko.Message) -> FsStats:
     )
 
 
+# Room for the largest request (a 32 KB write) and its framing, in the SSH channel's
+# send window: with less, held packets are sent before the next request (Exchange._send).
+_WINDOW_ROOM = 64 * 1024
+
+
 class Exchange:
     """Operations sent back to back on one channel; replies read together at the end.
 
@@ -634,12 +647,18 @@ class Exchange:
     def __init__(self, session: SftpSession) -> None:
         self._sftp = session._sftp
         self._pending: dict[int, Reply[Any]] = {}
+        wire = getattr(session._ssh, "sock", None)
+        self._wire = wire if isinstance(wire, _CorkableSocket) else None
 
     # paramiko calls this for each reply to a request we sent with ourselves as owner.
     def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
         self._pending.pop(num)._resolve(kind, msg)
 
     def _send(self, reply: Reply[T], kind: int, *args: object) -> Reply[T]:
+        if self._wire is not None and self._sftp.sock.out_window_size < _WINDOW_ROOM:
+            # paramiko is about to wait for the server to open the channel's window,
+            # which it does only for data it received: send what the cork holds first.
+            self._wire.flush()
         num = self._sftp._async_request(self, kind, *args)
         self._pending[num] = reply
         return reply

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from erp_push.errors import JournalUnusable
 from erp_push.models import Lease
@@ -289,6 +289,18 @@ class Journal:
                 (_iso(_now() - older_than),),
             )
         return cur.rowcount
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction for modules that keep their own tables here
+        (``batch_journal``): its rows and the invoices' rows change together."""
+        with self._transaction():
+            yield self._db
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read of this journal (``batch_journal``'s own tables)."""
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
 
     # --- internals --------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class Outcome:
     remote_path: str | None = None
     failure_code: str | None = None
     message: str | None = None
+    row: int | None = None  # output_mode batch: the invoice's row in the batch file (1 = first)
 
     @property
     def ok(self) -> bool:
@@ -91,15 +92,17 @@ def integration_result_for(outcome: Outcome) -> IntegrationResult:
     if outcome.ok:
         assert outcome.remote_path is not None
         path = outcome.remote_path
+        # A batch file holds many invoices: the row tells the ERP's people which is which.
+        message = DELIVERED_MESSAGE if outcome.row is None else str(outcome.row)
         if wire.text_length(path) <= wire.EXTERNAL_TEXT_MAX:
-            return IntegrationResult.delivered(path, DELIVERED_MESSAGE)
+            return IntegrationResult.delivered(path, message)
         # A long file name in a deep folder can pass Nuntiq's limit on external ids:
         # the name (at most 200 bytes, see render) goes first, its folder second.
         folder, _, name = path.rpartition("/")
         return IntegrationResult(
             success=True,
             external_ids=(name, folder[: wire.EXTERNAL_TEXT_MAX] or "/", None),
-            external_messages=(DELIVERED_MESSAGE, None, None),
+            external_messages=(message, None, None),
         )
     assert outcome.failure_code is not None
     return IntegrationResult.failed(
@@ -250,6 +253,7 @@ class PreviewedFile:
     already_delivered: str | None = None  # path of an identical file already there
     failure_code: str | None = None
     message: str | None = None
+    row: int | None = None  # output_mode batch: its row in the batch file
 
 
 @dataclass
@@ -304,9 +308,10 @@ class DryRunReport(CommandReport):
                     f"already delivered as {cell(p.already_delivered)}",
                 )
             else:
+                name = p.file_name or ""
                 table.add_row(
                     cell(p.invoice_number or ""),
-                    cell(p.file_name or ""),
+                    cell(name if p.row is None else f"{name} row {p.row}"),
                     cell(p.collision or ""),
                 )
         screen.console.print(table)

@@ -247,6 +247,14 @@ class Config(BaseModel):
         description="Address type whose address_name is the supplier code fallback.",
     )
 
+    # What the ERP gets
+    output_mode: Literal["per_invoice", "batch"] = Field(
+        default="per_invoice",
+        description="per_invoice: one file per invoice. batch: one file "
+        "invoices-<YYYYMMDDTHHMMSSZ>.csv per claimed batch, one row per invoice "
+        "(batch_size rows at most).",
+    )
+
     @field_validator("nuntiq_base_url")
     @classmethod
     def _https_unless_loopback(cls, value: str | None) -> str | None:
@@ -383,6 +391,7 @@ class Settings(BaseSettings):
             max_invoices=max_invoices,
             max_run_seconds=c.max_run_seconds,
             publish_mode=c.publish_mode,
+            output_mode=c.output_mode,
         )
 
 

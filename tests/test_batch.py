@@ -1,0 +1,346 @@
+"""output_mode batch: one file per claimed batch, one row per invoice, exactly once.
+
+Every test drives the real command line (``python -m erp_push``) against the Nuntiq
+sandbox and real SFTP servers (asyncssh and its quirky variants, OpenSSH sshd), and kills
+runs with SIGKILL at the batch steps through ``_ERP_PUSH_KILL_AT=<step>[@<n>]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+import pytest
+
+from erp_push.batch import BATCH_FILE, HEADER_LINE, row_of, rows_in
+from erp_push.errors import ExitCode
+from erp_push.render import RenderedFile
+from tests.helpers import MakeSettings
+from tests.sandbox.fixtures import Sandbox
+from tests.sftp_servers.fixtures import SftpServerInfo
+from tests.test_exactly_once import (
+    FINISHED,
+    KILLED,
+    LEASE_TTL,
+    Factory,
+    cleanup_removes_only_our_tmp,
+    cli,
+    expected_files,
+    final_files,
+    move_outbox_to_sent,
+    push_cli,
+    report_of,
+    reported_path,
+    settled_files,
+)
+
+BATCH = {"output_mode": "batch", "lease_ttl_seconds": LEASE_TTL}
+
+
+def data_row(body: bytes) -> bytes:
+    """The row a one-invoice rendering contributes to a batch file."""
+    return row_of(RenderedFile("x.csv", body, "x", ""))
+
+
+def batch_files(server: SftpServerInfo) -> dict[str, list[bytes]]:
+    """Every final file, parsed as a batch file (each must be one)."""
+    out: dict[str, list[bytes]] = {}
+    for path, body in final_files(server).items():
+        name = path.rpartition("/")[2]
+        assert BATCH_FILE.fullmatch(name), f"{path} is not a batch file"
+        rows = rows_in(body)
+        assert rows, f"{path} is not a whole batch file: {body!r}"
+        out[path] = rows
+    return out
+
+
+def assert_batches_exactly_once(
+    sandbox: Sandbox, server: SftpServerInfo, expected: dict[str, bytes | None]
+) -> dict[str, list[bytes]]:
+    """Every invoice finished; each renderable one is exactly one row of one batch file,
+    the row Nuntiq was told (external_id_1 = the file, external_message_1 = the row)."""
+    rows = {r["invoice_token"]: r for r in sandbox.control.invoices()}
+    assert set(rows) == set(expected)
+    stuck = {t: r["status"] for t, r in rows.items() if r["status"] not in FINISHED}
+    assert stuck == {}, "invoices left unfinished"
+    files = batch_files(server)
+    all_rows = [row for file_rows in files.values() for row in file_rows]
+    for token, body in expected.items():
+        row = rows[token]
+        if body is None:
+            assert row["status"] == 97 and row["failure_code"].startswith("RENDER_"), row
+            continue
+        assert row["status"] == 100, row
+        path = reported_path(row)
+        if path not in files:  # the ERP moved it to sent/ after it was reported
+            path = f"{server.sent}/{path.rpartition('/')[2]}"
+        number = int(row["external_message_1"])
+        assert files[path][number - 1] == data_row(body), f"row {number} of {path} is not {token}"
+        assert all_rows.count(data_row(body)) == 1, f"invoice {token} is in the files twice"
+    delivered = [b for b in expected.values() if b is not None]
+    assert len(all_rows) == len(delivered), "a row that is no invoice's"
+    return files
+
+
+# --- the file ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asyncssh", pytest.param("openssh", marks=pytest.mark.sshd)])
+def test_each_claimed_batch_is_one_file_of_rows_in_claim_order(
+    kind: str,
+    sandbox: Sandbox,
+    request: pytest.FixtureRequest,
+    sftp_server_factory: Factory,
+    make_settings: MakeSettings,
+) -> None:
+    if kind == "openssh":
+        server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
+        server.clear()  # shared by the whole session
+        request.addfinalizer(server.clear)
+    else:
+        server = sftp_server_factory()
+    tokens = sandbox.control.seed(7, awkward=True)  # two of them cannot be rendered
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
+    before = datetime.now(UTC).replace(microsecond=0)
+
+    result = push_cli(path)
+    report = report_of(result)
+
+    files = assert_batches_exactly_once(sandbox, server, expected)
+    assert result.returncode == ExitCode.SOME_FAILED  # the two that failed alone
+    failed = {o["invoice_token"] for o in report["invoices"] if o["result"] == "failed"}
+    assert failed == {t for t, b in expected.items() if b is None}
+    # One file per claimed batch of 3 (the failed invoices are left out of theirs).
+    batches = [tokens[i : i + 3] for i in range(0, len(tokens), 3)]
+    wanted = [[data_row(b) for t in batch if (b := expected[t])] for batch in batches]
+    assert sorted(files.values()) == sorted(rows for rows in wanted if rows)
+    for file_path in files:
+        body = server.read(file_path)
+        assert body.startswith(HEADER_LINE) and body.endswith(b"\n") and b"\r" not in body
+        stamp = BATCH_FILE.fullmatch(file_path.rpartition("/")[2])
+        assert stamp is not None
+        at = datetime.strptime(stamp["at"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        assert before - timedelta(seconds=1) <= at <= datetime.now(UTC)
+    by_token = {o["invoice_token"]: o for o in report["invoices"]}
+    for token, body in expected.items():
+        if body is not None:
+            assert by_token[token]["row"] is not None
+
+
+def test_a_batch_where_every_invoice_fails_writes_no_file(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(3)
+    path = make_settings(asyncssh_sftp, config={**BATCH, "field_invoice_number": "noSuchField"})
+
+    result = push_cli(path)
+    report = report_of(result)
+
+    assert result.returncode == ExitCode.SOME_FAILED
+    assert {o["failure_code"] for o in report["invoices"]} == {"RENDER_MISSING_FIELD"}
+    assert set(sandbox.control.statuses().values()) == {97}
+    assert asyncssh_sftp.files() == {}
+
+
+def test_a_server_refusal_fails_the_batch_with_its_code_and_stops(
+    sandbox: Sandbox, sftp_server_factory: Factory, make_settings: MakeSettings
+) -> None:
+    server = sftp_server_factory("permission_denied_write")
+    sandbox.control.seed(6)
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
+
+    report = report_of(push_cli(path))
+
+    assert report["claimed"] == 3  # the first batch; the run then stops claiming
+    assert {o["failure_code"] for o in report["invoices"]} == {"SFTP_PERMISSION_DENIED"}
+    assert any("refused writes" in note for note in report["notes"])
+    assert server.files() == {}
+
+
+def test_dry_run_shows_the_file_and_rows_and_render_says_the_mode(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    tokens = sandbox.control.seed(3)
+    path = make_settings(asyncssh_sftp, config=BATCH)
+
+    result = cli("dry-run", "--settings", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)["invoices"]
+    assert [p["row"] for p in shown] == [1, 2, 3]
+    assert len({p["file_name"] for p in shown}) == 1
+    assert BATCH_FILE.fullmatch(shown[0]["file_name"])
+    assert asyncssh_sftp.files() == {}
+
+    rendered = cli("render", tokens[0], "--settings", str(path))
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.encode().startswith(HEADER_LINE)
+    assert "batch" in rendered.stderr
+
+
+# --- exactly once, batch-wise -----------------------------------------------------------
+
+# Every step of batch mode a run can die at; "@2": the second batch (the first is in
+# flight or done), "acknowledged@2": between two members' acknowledgements. Awkward seed
+# 6 in batches of 2: two invoices fail rendering, so at least two batches have rows.
+CRASH_POINTS = {
+    "claimed": "claimed@2",  # the second batch's claims journaled
+    "batch_fetched": "batch_fetched@2",  # rendered, nothing journaled for the batch
+    "batch_recorded": "batch_recorded@2",  # journaled, upload not begun
+    "tmp_open": "tmp_open@2",  # tmp created, nothing written
+    "tmp_written": "tmp_written@2",  # tmp whole, not yet published
+    "published": "published@2",  # under its final name, not yet journaled
+    "batch_published_recorded": "batch_published_recorded@2",  # journaled, none acknowledged
+    "acknowledged": "acknowledged@2",  # one member acknowledged, the next not
+    "reported": "reported@3",  # members partly reported
+}
+
+
+@pytest.mark.parametrize("step", list(CRASH_POINTS))
+def test_a_batch_run_killed_at_any_step_is_finished_without_duplicates(
+    step: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(6, awkward=True)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 2})
+
+    killed = push_cli(path, kill_at=CRASH_POINTS[step])
+    assert killed.returncode == KILLED, f"crash point {step} never fired: {killed.stderr}"
+    settled_files(server)
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)  # every lease lapses, at 92 and at 93
+    report_of(push_cli(path))
+
+    assert_batches_exactly_once(sandbox, server, expected)
+    cleanup_removes_only_our_tmp(path, server)
+
+
+@pytest.mark.parametrize("step", ["batch_published_recorded", "acknowledged"])
+def test_a_dead_batch_runs_live_leases_are_finished_at_once_with_their_rows(
+    step: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """No clock advance: the next run reports what the dead run's file delivered, each
+    member with its row, under the still-live leases, without a second file."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(4)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 4})
+
+    assert push_cli(path, kill_at=step).returncode == KILLED
+    assert len(final_files(server)) == 1
+
+    report = report_of(push_cli(path))
+    assert report["recovered"] == 4
+    assert_batches_exactly_once(sandbox, server, expected)
+    assert len(final_files(server)) == 1
+    for row in sandbox.control.invoices():
+        assert row["claim_count"] == 1 and row["result_count"] == 1
+
+
+LOST_JOURNAL_CASES = [
+    # (step the first run dies at, ERP moved the files to sent/ meanwhile, server)
+    pytest.param("batch_recorded", False, "asyncssh", id="recorded-nothing_landed"),
+    pytest.param("published", False, "asyncssh", id="published-in_outbox"),
+    pytest.param("acknowledged", True, "asyncssh", id="acknowledged-in_sent"),
+    pytest.param("published", False, "rename_overwrites", id="published-overwriting"),
+    pytest.param("published", True, "openssh", id="published-in_sent-openssh", marks=pytest.mark.sshd),
+]
+
+
+@pytest.mark.parametrize(("step", "moved_to_sent", "kind"), LOST_JOURNAL_CASES)
+def test_a_lost_journal_finds_the_rows_in_recent_batch_files(
+    step: str,
+    moved_to_sent: bool,
+    kind: str,
+    sandbox: Sandbox,
+    request: pytest.FixtureRequest,
+    sftp_server_factory: Factory,
+    make_settings: MakeSettings,
+    tmp_path: Path,
+) -> None:
+    """The journal is gone (another machine takes over): an invoice whose row is in a
+    batch file in the outbox or sent/ is delivered there, at that row; the others go
+    into a new file; none is in two files."""
+    if kind == "openssh":
+        server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
+        server.clear()
+        request.addfinalizer(server.clear)
+    elif kind == "asyncssh":
+        server = sftp_server_factory()
+    else:
+        server = sftp_server_factory(kind, hardlink=False)
+    tokens = sandbox.control.seed(5)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
+
+    assert push_cli(path, kill_at=f"{step}@2").returncode == KILLED
+    landed_rows = {row for rows in batch_files_settled(server).values() for row in rows}
+    unfinished = {t for t, s in sandbox.control.statuses().items() if s not in FINISHED}
+    landed = {t for t in unfinished if data_row(expected[t] or b"") in landed_rows}
+    if step != "batch_recorded":
+        assert landed, "no unfinished invoice had its row published before the crash"
+    shutil.rmtree(tmp_path / "state")
+    if moved_to_sent:
+        move_outbox_to_sent(server)
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    report = report_of(push_cli(path))
+
+    assert_batches_exactly_once(sandbox, server, expected)
+    already = {o["invoice_token"] for o in report["invoices"] if o["result"] == "already_delivered"}
+    assert already == landed
+
+
+def batch_files_settled(server: SftpServerInfo) -> dict[str, list[bytes]]:
+    settled_files(server)
+    return batch_files(server)
+
+
+def test_a_row_in_a_batch_file_older_than_the_lookback_is_not_looked_for(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """The limit of the lost-journal lookup: batch files named up to 7 days back."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(2)
+    expected = expected_files(sandbox, tokens)
+    rows = [data_row(expected[t] or b"") for t in tokens]
+    recent = datetime.now(UTC) - timedelta(days=6)
+    old = datetime.now(UTC) - timedelta(days=9)
+    server.write(f"{server.sent}/invoices-{recent:%Y%m%dT%H%M%SZ}.csv", HEADER_LINE + rows[0])
+    server.write(f"{server.sent}/invoices-{old:%Y%m%dT%H%M%SZ}.csv", HEADER_LINE + rows[1])
+
+    report = report_of(push_cli(make_settings(server, config=BATCH)))
+
+    results = {o["invoice_token"]: (o["result"], o["row"]) for o in report["invoices"]}
+    assert results[tokens[0]] == ("already_delivered", 1)
+    assert results[tokens[1]] == ("delivered", 1)
+    assert len(final_files(server)) == 3
+
+
+def test_concurrent_batch_runs_put_each_invoice_in_one_file(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    import subprocess
+    import sys
+
+    tokens = sandbox.control.seed(60)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(asyncssh_sftp, config={**BATCH, "batch_size": 5})
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "erp_push", "push", "--settings", str(path), "--drain", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    files = assert_batches_exactly_once(sandbox, asyncssh_sftp, expected)
+    assert all(len(rows) <= 5 for rows in files.values())
+    for row in sandbox.control.invoices():
+        assert row["claim_count"] == 1 and row["result_count"] == 1

@@ -52,6 +52,7 @@ from erp_push.report import Outcome, Result, truncate
 if TYPE_CHECKING:
     from erp_push.pipeline import InvoiceWorker
     from erp_push.publish import Drop
+    from erp_push.report import PreviewedFile
     from erp_push.transport import SftpSession
 
 log = logging.getLogger(__name__)
@@ -457,4 +458,49 @@ def replace_pending(row: _Row, message: str) -> Outcome:
     return Outcome(row.token, Result.PENDING, row.file.invoice_number, message=truncate(message))
 
 
-__all__ = ["BatchIndex", "BatchWorker", "batch_file", "batch_file_name", "rows_in"]
+# --- dry-run --------------------------------------------------------------------------
+
+
+def preview_batch(
+    session: SftpSession, drop: Drop, rendered: list[tuple[str, RenderedFile | RenderError]]
+) -> list[PreviewedFile]:
+    """What push would write for these invoices as one batch: the file's name (after
+    collisions) and each invoice's row; rows found in recent batch files count as
+    delivered, an invoice that cannot be rendered is left out. Writes nothing."""
+    from erp_push import publish
+    from erp_push.report import PreviewedFile
+
+    files = [(token, item) for token, item in rendered if isinstance(item, RenderedFile)]
+    found = BatchIndex(session, drop, None).find([row_of(file) for _, file in files])
+    new = [(token, file) for token, file in files if row_of(file) not in found]
+    name = collision = None
+    if new:
+        file = batch_file(batch_file_name(datetime.now(UTC)), [row_of(f) for _, f in new])
+        delivery = publish.preview(session, drop, file)
+        name = posixpath.basename(delivery.remote_path)
+        if delivery.already_delivered:
+            collision = f"an identical file is already there: {delivery.remote_path}"
+        elif name != file.file_name:
+            collision = f"{file.file_name} is taken"
+    rows = {token: i for i, (token, _) in enumerate(new, start=1)}
+    shown: list[PreviewedFile] = []
+    for token, item in rendered:
+        if isinstance(item, RenderError):
+            shown.append(
+                PreviewedFile(token, None, None, failure_code=item.failure_code, message=str(item))
+            )
+        elif token in rows:
+            shown.append(
+                PreviewedFile(token, item.invoice_number, name, collision, row=rows[token])
+            )
+        else:
+            path, number = found[row_of(item)]
+            shown.append(
+                PreviewedFile(
+                    token, item.invoice_number, None, already_delivered=f"{path} row {number}"
+                )
+            )
+    return shown
+
+
+__all__ = ["BatchIndex", "BatchWorker", "batch_file", "batch_file_name", "preview_batch", "rows_in"]

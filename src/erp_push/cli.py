@@ -447,6 +447,12 @@ def render(
     cfg = _begin(settings, {Need.NUNTIQ}, verbose=verbose, debug=debug)
     today: date | None = on_date.date() if on_date else None
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
+    if cfg.config.output_mode == "batch":
+        # The invoice alone: push writes its data row into the batch file instead.
+        _say(
+            "output_mode is batch: push writes this invoice as one row (the second line) "
+            "of a batch file invoices-<YYYYMMDDTHHMMSSZ>.csv, under the same header"
+        )
     if output is not None:
         output.write_bytes(rendered.body)
         _say(

@@ -149,6 +149,13 @@ def dry_run(
         session = (connect_sftp or sftp_connector(settings))()
         report.sftp_checked = True
         try:
+            if settings.config.output_mode == "batch":
+                from erp_push.batch import preview_batch
+                from erp_push.publish import Drop
+
+                drop = Drop(outbox=folders[0], sent=folders[1])
+                report.files.extend(preview_batch(session, drop, rendered))
+                return report
             for token, item in rendered:
                 report.files.append(_preview_one(session, folders, token, item))
         finally:

@@ -3,7 +3,8 @@
 Starts the Nuntiq sandbox and an SFTP server (asyncssh over a folder) as subprocesses,
 seeds invoices (some deliberately awkward), puts an unrelated file in the ERP's sent/
 folder under a name one invoice will want, then runs the real `erp-push` command line:
-dry-run, push --drain, and an idle push. Shows what Nuntiq recorded and which files
+dry-run, push --drain, an idle push, and a second pass in batch mode (one file per
+claimed batch). Shows what Nuntiq recorded and which files
 landed, then stops both servers. Everything lives in ./.demo (removed at the next demo).
 """
 
@@ -164,6 +165,13 @@ def main() -> None:
             console.print(f"exit code {code} (1 = some invoices failed and were reported)")
             erp_push("push", "--settings", str(settings), env=env)
 
+            # A second pass in batch mode: each claimed batch of 4 becomes one file.
+            nuntiq.seed(7, seed=3)
+            console.rule("[bold]Batch mode (ERP_PUSH_OUTPUT_MODE=batch, batch_size 4)")
+            console.print("Seeded 7 more invoices")
+            batch_env = {**env, "ERP_PUSH_OUTPUT_MODE": "batch", "ERP_PUSH_BATCH_SIZE": "4"}
+            erp_push("push", "--settings", str(settings), "--drain", env=batch_env)
+
             console.rule("[bold]What Nuntiq recorded")
             _show_statuses(nuntiq.invoices())
         console.rule("[bold]What landed in the ERP's drop folder")
@@ -217,10 +225,12 @@ def _show_files(root: Path) -> None:
     console.print(table)
     tmp = [p for p in files if p.name.endswith(".tmp")]
     console.print(f"{len(files)} files, {len(tmp)} leftover .tmp files")
-    sample = next((p for p in files if p.name.startswith("INV-")), None)
-    if sample:
-        console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")
-        console.print(sample.read_bytes().decode("utf-8-sig").replace("\t", " → "), markup=False)
+    for prefix in ("INV-", "invoices-"):  # a per-invoice file, then a batch file
+        sample = next((p for p in files if p.name.startswith(prefix)), None)
+        if sample:
+            console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")
+            text = sample.read_bytes().decode("utf-8-sig").replace("\t", " → ")
+            console.print(text, markup=False)
 
 
 def _short(text: str, width: int = 48) -> str:

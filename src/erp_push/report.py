@@ -197,6 +197,8 @@ class RunReport(CommandReport):
                     Result.PENDING: "yellow",
                 }[o.result]
                 detail = o.remote_path or f"{o.failure_code or ''} {o.message or ''}".strip()
+                if o.remote_path and o.row is not None:
+                    detail = f"{o.remote_path} row {o.row}"
                 # Numbers, paths and messages come from Nuntiq and the SFTP server: shown
                 # as plain Text (no rich markup), control characters escaped.
                 table.add_row(

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from erp_push.batch import BATCH_FILE, HEADER_LINE, row_of, rows_in
+from erp_push.batch import BATCH_FILE, HEADER_LINE, FolderListings, row_of, rows_in
 from erp_push.errors import ExitCode
 from erp_push.render import RenderedFile
+from erp_push.transport import SftpSession
 from tests.helpers import MakeSettings
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
@@ -361,3 +363,23 @@ def test_concurrent_batch_runs_put_each_invoice_in_one_file(
     assert all(len(rows) <= 5 for rows in files.values())
     for row in sandbox.control.invoices():
         assert row["claim_count"] == 1 and row["result_count"] == 1
+
+
+def test_a_folder_listing_is_reused_only_while_the_folder_did_not_change(
+    asyncssh_sftp: SftpServerInfo,
+) -> None:
+    """A sent/ of years of archive is not listed for every batch of a drain, yet a file
+    the ERP moves there meanwhile is seen at the next batch."""
+    server = asyncssh_sftp
+    server.write(f"{server.sent}/invoices-20261130T000000Z.csv", HEADER_LINE + b"a\n")
+    listings = FolderListings()
+    with SftpSession.connect(server.options()) as session:
+        first = listings.files(session, server.sent)
+        time.sleep(FolderListings.SETTLED_SECONDS + 0.2)
+        second = listings.files(session, server.sent)  # listed again: now settled
+        assert second is not first and second == first
+        assert listings.files(session, server.sent) is second  # unchanged: reused
+        server.write(f"{server.sent}/invoices-20261130T000001Z.csv", HEADER_LINE + b"b\n")
+        third = listings.files(session, server.sent)
+        assert len(third) == 2  # the folder's mtime moved: listed again
+        assert listings.files(session, f"{server.sent}/missing") == []

@@ -28,6 +28,8 @@ import hashlib
 import logging
 import posixpath
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from erp_push.pipeline import InvoiceWorker
     from erp_push.publish import Drop
     from erp_push.report import PreviewedFile
-    from erp_push.transport import SftpSession
+    from erp_push.transport import RemoteFile, SftpSession
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +114,65 @@ def _as_file(found: Membership) -> RenderedFile:
 # --- the lost-journal lookup ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Listing:
+    files: list[RemoteFile]
+    mtime: float  # the folder's own mtime when it was listed
+    listed_at: float  # time.monotonic() just before the listing was asked for
+
+
+class FolderListings:
+    """The drop folders' listings for one run, each reused while its folder did not change.
+
+    Listing a sent/ that holds years of archive costs seconds, and a drain would pay it for
+    every batch. A folder's own mtime changes whenever a file is added, removed or renamed
+    in it, but only to the second: a change in the same second as the last one leaves it
+    as it was. So a listing is reused only while the folder's mtime is the one it had at
+    least a second before the listing began (any later change then falls in a later second
+    and shows), and the folder is listed again as soon as its mtime moves.
+    """
+
+    # A folder's mtime must have held this long before a listing that is to be reused.
+    SETTLED_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mtime_seen: dict[str, tuple[float, float]] = {}  # folder -> (mtime, first seen)
+        self._listings: dict[str, _Listing] = {}
+
+    def files(self, session: SftpSession, folder: str) -> list[RemoteFile]:
+        found = session.stat(folder)
+        if found is None:
+            return []  # a sent/ that does not exist yet holds nothing
+        checked = time.monotonic()  # the mtime was `found.mtime` by now
+        mtime = found.mtime
+        if mtime:
+            with self._lock:
+                seen = self._mtime_seen.get(folder)
+                if seen is None or seen[0] != mtime:
+                    seen = self._mtime_seen[folder] = (mtime, checked)
+                cached = self._listings.get(folder)
+                if (
+                    cached is not None
+                    and cached.mtime == mtime
+                    and cached.listed_at >= seen[1] + self.SETTLED_SECONDS
+                ):
+                    return cached.files
+        files = session.list_files(folder)
+        if mtime:
+            with self._lock:
+                self._listings[folder] = _Listing(files, mtime, checked)
+        return files
+
+
 class BatchIndex:
     """Which rows the recent batch files in the outbox and sent/ hold.
 
     Batch files are named by time, so unlike per-invoice files they cannot be looked up by
-    name: the folders are listed (once per batch: a file that landed just before this
-    batch was claimed must be seen), and each recent batch file is read once, its rows
-    remembered in the journal by name and size (``ledger``; None for dry-run).
+    name: the folders are listed for every batch (a file that landed just before the batch
+    was claimed must be seen; ``FolderListings`` reuses a listing while its folder did not
+    change), and each recent batch file is read once, its rows remembered in the journal
+    by name and size (``ledger``; None for dry-run).
     """
 
     def __init__(
@@ -126,11 +180,13 @@ class BatchIndex:
         session: SftpSession,
         drop: Drop,
         ledger: BatchLedger | None,
+        listings: FolderListings | None = None,
         now: datetime | None = None,
     ) -> None:
         self.session = session
         self.drop = drop
         self.ledger = ledger
+        self.listings = listings or FolderListings()
         self.now = now or datetime.now(UTC)
 
     def find(self, rows: list[bytes]) -> dict[bytes, tuple[str, int]]:
@@ -150,8 +206,10 @@ class BatchIndex:
     def _recent_files(self) -> list[tuple[str, int]]:
         oldest = (self.now - timedelta(days=LOOKBACK_DAYS)).strftime("%Y%m%dT000000Z")
         files: list[tuple[str, str, int]] = []
+        # The outbox first, then sent/: a file the ERP moves in between is seen in one of
+        # them (it only moves that way).
         for folder in self.drop.folders:
-            for remote in self.session.list_files(folder):
+            for remote in self.listings.files(self.session, folder):
                 name = posixpath.basename(remote.path)
                 match = BATCH_FILE.fullmatch(name)
                 if match and match["at"] >= oldest and 0 < remote.size <= MAX_BATCH_FILE_BYTES:
@@ -197,6 +255,7 @@ class BatchWorker:
         self.worker = worker
         self.ledger = ledger
         self._listing_refused = False  # warned once: the lost-journal lookup is off
+        self._listings = FolderListings()
 
     def deliver(self, work: list[tuple[Lease, Entry]]) -> tuple[list[Outcome], ErpPushError | None]:
         """Every member's outcome in claim order, and the error that stops the run, if any.
@@ -360,7 +419,8 @@ class BatchWorker:
         if not rows or self._listing_refused:
             return rows
         try:
-            found = BatchIndex(sftp, self._drop(), self.ledger).find([row_of(r.file) for r in rows])
+            index = BatchIndex(sftp, self._drop(), self.ledger, self._listings)
+            found = index.find([row_of(r.file) for r in rows])
         except SftpOperationError as exc:
             # An upload-only folder that cannot be listed: the journal alone proves delivery.
             self._listing_refused = True

@@ -668,6 +668,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         sftp_private_key_path="id_ed25519",
         remote_sent=None,
         publish_mode="direct",
+        output_mode="batch",
         sftp_connect_timeout_seconds=3,
         sftp_operation_timeout_seconds=4,
         sftp_keepalive_seconds=5.6,
@@ -724,6 +725,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         max_invoices=40,
         max_run_seconds=99,
         publish_mode="direct",
+        output_mode="batch",
     )
 
 

@@ -113,7 +113,7 @@ class PushPlan:
     max_invoices: int | None
     max_run_seconds: float
     publish_mode: Literal["rename", "direct"]
-    output_mode: Literal["per_invoice", "batch"] = "per_invoice"
+    output_mode: Literal["per_invoice", "batch"]
 
 
 class RunStopped(Exception):

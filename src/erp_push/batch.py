@@ -30,9 +30,11 @@ import posixpath
 import re
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from erp_push.batch_journal import PUBLISHED, RECORDED, BatchLedger, Member, Membership
 from erp_push.errors import (
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from erp_push.transport import RemoteFile, SftpSession
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 HEADER_LINE = (BOM + "\t".join(HEADER) + "\n").encode("utf-8")
 # invoices-20261201T000000Z.csv, and the -2, -3, ... names publish gives a taken one.
@@ -274,11 +277,19 @@ class BatchWorker:
                     outcomes[lease.invoice_token] = decided
             if fresh:
                 self._build_and_publish(fresh, outcomes)
-            for lease, _ in work:
-                token = lease.invoice_token
-                outcomes[token] = self.worker._finish(lease, outcomes[token])
-                finished.add(token)
-            return [outcomes[lease.invoice_token] for lease, _ in work], None
+            stop: NuntiqAuthError | None = None
+            leases = [lease for lease, _ in work]
+            for lease, told in zip(
+                leases, self._each(self._finish_one, leases, outcomes), strict=True
+            ):
+                if isinstance(told, NuntiqAuthError):
+                    stop = stop or told
+                else:
+                    outcomes[lease.invoice_token] = told
+                    finished.add(lease.invoice_token)
+            if stop is not None:
+                raise stop
+            return [outcomes[lease.invoice_token] for lease in leases], None
         except (NuntiqAuthError, SftpError) as exc:
             stopped = f"run stopped: {exc}"
             return [
@@ -289,6 +300,34 @@ class BatchWorker:
                 )
                 for lease, entry in work
             ], exc
+
+    def _each(
+        self,
+        step: Callable[[Lease, dict[str, Outcome]], _T],
+        leases: list[Lease],
+        outcomes: dict[str, Outcome],
+    ) -> list[_T]:
+        """``step`` for each lease, in parallel: a batch's Nuntiq calls are independent,
+        and one after the other they would cost a round trip per invoice."""
+        if len(leases) <= 1:
+            return [step(lease, outcomes) for lease in leases]
+        lanes = min(len(leases), self.worker.plan.concurrency)
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="batch") as pool:
+            return list(pool.map(lambda lease: step(lease, outcomes), leases))
+
+    def _finish_one(self, lease: Lease, outcomes: dict[str, Outcome]) -> Outcome | NuntiqAuthError:
+        """Acknowledge and report one member; a refused key is returned, to stop the run."""
+        outcome = outcomes[lease.invoice_token]
+        try:
+            return self.worker._finish(lease, outcome)
+        except NuntiqAuthError as exc:
+            return exc
+        except NuntiqError as exc:  # settling a refused transition failed too
+            return replace(
+                outcome,
+                result=Result.PENDING,
+                message=f"Nuntiq: {exc}; the next run finishes it",
+            )
 
     def _decided(self, entry: Entry) -> Outcome | None:
         """What the journal already decided for this invoice, if anything."""
@@ -308,11 +347,15 @@ class BatchWorker:
         self, fresh: list[tuple[Lease, Entry]], outcomes: dict[str, Outcome]
     ) -> None:
         worker = self.worker
-        with worker.sessions.session() as sftp:
-            todo = self._settle_earlier_batches(sftp, fresh, outcomes)
-            rows = self._render(todo, outcomes)
-            worker.checkpoint("batch_fetched")
-            rows = self._drop_delivered_rows(sftp, rows, outcomes)
+        todo = fresh
+        if any(self.ledger.membership(lease.invoice_token) for lease, _ in fresh):
+            with worker.sessions.session() as sftp:
+                todo = self._settle_earlier_batches(sftp, fresh, outcomes)
+        rows = self._render(todo, outcomes)
+        worker.checkpoint("batch_fetched")
+        if rows:
+            with worker.sessions.session() as sftp:
+                rows = self._drop_delivered_rows(sftp, rows, outcomes)
         if not rows:
             return  # nothing left to write: no file
         pending = self._not_now(rows)
@@ -355,7 +398,18 @@ class BatchWorker:
                     )
                     continue
                 # Its run died: the file landed before that, or it never will.
-                landed = publish.find_delivered(sftp, drop, _as_file(earlier))
+                try:
+                    landed = publish.find_delivered(sftp, drop, _as_file(earlier))
+                except SftpOperationError as exc:  # cannot tell: decide nothing yet
+                    outcomes[token] = Outcome(
+                        token,
+                        Result.PENDING,
+                        entry.invoice_number,
+                        message=truncate(
+                            f"cannot look for its batch file {earlier.file_name}: {exc}"
+                        ),
+                    )
+                    continue
                 if landed is None:
                     self.ledger.void(earlier.batch_id)
                     log.info(
@@ -378,39 +432,43 @@ class BatchWorker:
 
     def _render(self, todo: list[tuple[Lease, Entry]], outcomes: dict[str, Outcome]) -> list[_Row]:
         """Get and render each invoice; one that cannot be rendered fails alone."""
-        worker = self.worker
+        leases = [lease for lease, _ in todo]
         rows: list[_Row] = []
-        for lease, entry in todo:
-            token = lease.invoice_token
-            try:
-                detail = worker.nuntiq.get_invoice(token)
-            except NuntiqProtocolError as exc:  # also NuntiqReplyTooLarge
-                outcomes[token] = worker._fail_alone(token, exc.failure_code, str(exc))
-                continue
-            except NuntiqAuthError:
-                raise
-            except NuntiqError as exc:  # after its retries: the lease lapses, it comes back
-                outcomes[token] = Outcome(
-                    token, Result.PENDING, entry.invoice_number, message=f"Nuntiq: {exc}"
-                )
-                continue
-            try:
-                file = render_invoice(
-                    detail.invoice, keys=worker.plan.field_keys, today=worker.today
-                )
-            except RenderError as exc:
-                outcomes[token] = worker._fail_alone(token, exc.failure_code, str(exc))
-                continue
-            except Exception as exc:
-                log.exception("rendering %s failed unexpectedly", token)
-                outcomes[token] = worker._fail_alone(
-                    token,
-                    FailureCode.RENDER_FAILED,
-                    f"unexpected {type(exc).__name__} while rendering",
-                )
-                continue
-            rows.append(_Row(lease, file))
+        stop: NuntiqAuthError | None = None
+        for lease, got in zip(leases, self._each(self._render_one, leases, outcomes), strict=True):
+            if isinstance(got, _Row):
+                rows.append(got)
+            elif isinstance(got, NuntiqAuthError):
+                stop = stop or got
+            else:
+                outcomes[lease.invoice_token] = got
+        if stop is not None:
+            raise stop
         return rows
+
+    def _render_one(
+        self, lease: Lease, outcomes: dict[str, Outcome]
+    ) -> _Row | Outcome | NuntiqAuthError:
+        worker = self.worker
+        token = lease.invoice_token
+        try:
+            detail = worker.nuntiq.get_invoice(token)
+        except NuntiqProtocolError as exc:  # also NuntiqReplyTooLarge
+            return worker._fail_alone(token, exc.failure_code, str(exc))
+        except NuntiqAuthError as exc:
+            return exc
+        except NuntiqError as exc:  # after its retries: the lease lapses, it comes back
+            return Outcome(token, Result.PENDING, message=f"Nuntiq: {exc}")
+        try:
+            file = render_invoice(detail.invoice, keys=worker.plan.field_keys, today=worker.today)
+        except RenderError as exc:
+            return worker._fail_alone(token, exc.failure_code, str(exc))
+        except Exception as exc:
+            log.exception("rendering %s failed unexpectedly", token)
+            return worker._fail_alone(
+                token, FailureCode.RENDER_FAILED, f"unexpected {type(exc).__name__} while rendering"
+            )
+        return _Row(lease, file)
 
     def _drop_delivered_rows(
         self, sftp: SftpSession, rows: list[_Row], outcomes: dict[str, Outcome]

@@ -194,17 +194,16 @@ class BatchIndex:
 
     def find(self, rows: list[bytes]) -> dict[bytes, tuple[str, int]]:
         """For each of ``rows`` found in a recent batch file: that file's path and row."""
-        wanted = {digest(row): row for row in rows}
-        found: dict[bytes, tuple[str, int]] = {}
+        known = self.rows()
+        return {row: known[digest(row)] for row in rows if digest(row) in known}
+
+    def rows(self) -> dict[str, tuple[str, int]]:
+        """Row digest -> the path and row number of the newest recent file holding it."""
+        known: dict[str, tuple[str, int]] = {}
         for path, size in self._recent_files():
-            digests = self._digests(path, size)
-            for number, row_digest in enumerate(digests, start=1):
-                row = wanted.pop(row_digest, None)
-                if row is not None:
-                    found[row] = (path, number)
-            if not wanted:
-                break
-        return found
+            for number, row_digest in enumerate(self._digests(path, size), start=1):
+                known.setdefault(row_digest, (path, number))
+        return known
 
     def _recent_files(self) -> list[tuple[str, int]]:
         oldest = (self.now - timedelta(days=LOOKBACK_DAYS)).strftime("%Y%m%dT000000Z")
@@ -351,11 +350,13 @@ class BatchWorker:
         if any(self.ledger.membership(lease.invoice_token) for lease, _ in fresh):
             with worker.sessions.session() as sftp:
                 todo = self._settle_earlier_batches(sftp, fresh, outcomes)
-        rows = self._render(todo, outcomes)
-        worker.checkpoint("batch_fetched")
-        if rows:
-            with worker.sessions.session() as sftp:
-                rows = self._drop_delivered_rows(sftp, rows, outcomes)
+        # The folders are read for rows delivered without the journal's record while the
+        # invoices are fetched: both are round trips, and neither needs the other.
+        with worker.sessions.session() as sftp, ThreadPoolExecutor(1, "batch-look") as side:
+            delivered = side.submit(self._recent_rows, sftp)
+            rows = self._render(todo, outcomes)
+            worker.checkpoint("batch_fetched")
+            rows = self._drop_delivered_rows(rows, delivered.result(), outcomes)
         if not rows:
             return  # nothing left to write: no file
         pending = self._not_now(rows)
@@ -470,15 +471,12 @@ class BatchWorker:
             )
         return _Row(lease, file)
 
-    def _drop_delivered_rows(
-        self, sftp: SftpSession, rows: list[_Row], outcomes: dict[str, Outcome]
-    ) -> list[_Row]:
-        """Rows already in a recent batch file (the journal lost them) are delivered."""
-        if not rows or self._listing_refused:
-            return rows
+    def _recent_rows(self, sftp: SftpSession) -> dict[str, tuple[str, int]]:
+        """The rows of the recent batch files; none when the folders cannot be listed."""
+        if self._listing_refused:
+            return {}
         try:
-            index = BatchIndex(sftp, self._drop(), self.ledger, self._listings)
-            found = index.find([row_of(r.file) for r in rows])
+            return BatchIndex(sftp, self._drop(), self.ledger, self._listings).rows()
         except SftpOperationError as exc:
             # An upload-only folder that cannot be listed: the journal alone proves delivery.
             self._listing_refused = True
@@ -487,10 +485,15 @@ class BatchWorker:
                 "journal's record (%s); relying on the journal alone",
                 exc.message,
             )
-            return rows
+            return {}
+
+    def _drop_delivered_rows(
+        self, rows: list[_Row], found: dict[str, tuple[str, int]], outcomes: dict[str, Outcome]
+    ) -> list[_Row]:
+        """Rows already in a recent batch file (the journal lost them) are delivered."""
         left: list[_Row] = []
         for r in rows:
-            hit = found.get(row_of(r.file))
+            hit = found.get(digest(row_of(r.file)))
             if hit is None:
                 left.append(r)
                 continue

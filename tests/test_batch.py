@@ -7,6 +7,7 @@ runs with SIGKILL at the batch steps through ``_ERP_PUSH_KILL_AT=<step>[@<n>]``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from erp_push.batch import BATCH_FILE, HEADER_LINE, FolderListings, row_of, rows_in
 from erp_push.errors import ExitCode
+from erp_push.journal import Journal
 from erp_push.render import RenderedFile
 from erp_push.transport import SftpSession
 from tests.helpers import MakeSettings
@@ -29,6 +31,7 @@ from tests.test_exactly_once import (
     Factory,
     cleanup_removes_only_our_tmp,
     cli,
+    erp_tmp_files,
     expected_files,
     final_files,
     move_outbox_to_sent,
@@ -89,7 +92,9 @@ def assert_batches_exactly_once(
 # --- the file ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["asyncssh", pytest.param("openssh", marks=pytest.mark.sshd)])
+@pytest.mark.parametrize(
+    "kind", ["asyncssh", "instant_pickup", pytest.param("openssh", marks=pytest.mark.sshd)]
+)
 def test_each_claimed_batch_is_one_file_of_rows_in_claim_order(
     kind: str,
     sandbox: Sandbox,
@@ -101,8 +106,8 @@ def test_each_claimed_batch_is_one_file_of_rows_in_claim_order(
         server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
         server.clear()  # shared by the whole session
         request.addfinalizer(server.clear)
-    else:
-        server = sftp_server_factory()
+    else:  # instant_pickup: the ERP moves each file to sent/ the moment it appears
+        server = sftp_server_factory("normal" if kind == "asyncssh" else kind)
     tokens = sandbox.control.seed(7, awkward=True)  # two of them cannot be rendered
     expected = expected_files(sandbox, tokens)
     path = make_settings(server, config={**BATCH, "batch_size": 3})
@@ -212,6 +217,8 @@ def test_a_batch_run_killed_at_any_step_is_finished_without_duplicates(
     killed = push_cli(path, kill_at=CRASH_POINTS[step])
     assert killed.returncode == KILLED, f"crash point {step} never fired: {killed.stderr}"
     settled_files(server)
+    if step in ("tmp_open", "tmp_written"):
+        assert erp_tmp_files(server), "the killed upload left no tmp file"
 
     sandbox.control.advance_clock(LEASE_TTL + 1)  # every lease lapses, at 92 and at 93
     finished = cli("push", "--settings", str(path), "--drain", "--json", "--verbose")
@@ -383,3 +390,36 @@ def test_a_folder_listing_is_reused_only_while_the_folder_did_not_change(
         third = listings.files(session, server.sent)
         assert len(third) == 2  # the folder's mtime moved: listed again
         assert listings.files(session, f"{server.sent}/missing") == []
+
+
+def test_an_invoice_whose_batch_a_live_run_may_still_publish_is_left_alone(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """A run that stalled past its leases with a batch recorded may still publish it:
+    another run that claims its invoices leaves them pending (never puts them in a second
+    file) until that run is gone, and then settles the batch."""
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(3)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
+    assert push_cli(path, kill_at="batch_recorded").returncode == KILLED
+    journal = Journal(tmp_path / "state")
+    try:
+        [(run_id,)] = journal.query("SELECT run_id FROM batches")
+    finally:
+        journal.close()
+    # The recording run, alive again as far as the journal can tell: its lock is held.
+    lock = open(tmp_path / "state" / "runs" / f"{run_id}.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        sandbox.control.advance_clock(LEASE_TTL + 1)
+        waiting = report_of(push_cli(path))
+        assert {o["result"] for o in waiting["invoices"]} == {"pending"}
+        assert all("live run" in o["message"] for o in waiting["invoices"])
+        assert final_files(server) == {}
+    finally:
+        lock.close()
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    report_of(push_cli(path))
+    assert_batches_exactly_once(sandbox, server, expected)
+    assert len(final_files(server)) == 1

@@ -96,6 +96,7 @@ class BatchLedger:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+        self.prune()
 
     # --- reads --------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ from erp_push.batch import BATCH_FILE, HEADER_LINE, FolderListings, row_of, rows
 from erp_push.errors import ExitCode
 from erp_push.journal import Journal
 from erp_push.render import RenderedFile
+from erp_push.report import Result
 from erp_push.transport import SftpSession
-from tests.helpers import MakeSettings
+from tests.helpers import MakeSettings, push
 from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 from tests.test_exactly_once import (
@@ -423,3 +424,38 @@ def test_an_invoice_whose_batch_a_live_run_may_still_publish_is_left_alone(
     report_of(push_cli(path))
     assert_batches_exactly_once(sandbox, server, expected)
     assert len(final_files(server)) == 1
+
+
+def test_a_batch_stalled_past_its_leases_is_never_published_and_settled_later(
+    sandbox: Sandbox,
+    asyncssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run frozen after writing the batch's tmp wakes up with its leases nearly gone:
+    the tmp is removed, nothing becomes visible, the batch stays recorded (an earlier try
+    could have landed, for all the run knows), and the next run settles it and delivers
+    each invoice once."""
+    from erp_push import pipeline
+
+    server = asyncssh_sftp
+    tokens = sandbox.control.seed(3)
+    expected = expected_files(sandbox, tokens)
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "LEASE_SAFETY_MARGIN", timedelta(seconds=LEASE_TTL - 2))
+
+        def stall(step: str) -> None:
+            if step == "tmp_written":
+                time.sleep(2.5)  # the leases now have less than the margin left
+
+        patch.setattr(pipeline, "checkpoint", stall)
+        report = push(path)
+    assert {o.result for o in report.outcomes} == {Result.PENDING}
+    assert server.files() == {}  # no file, no tmp
+
+    sandbox.control.advance_clock(LEASE_TTL + 1)
+    finished = cli("push", "--settings", str(path), "--drain", "--json", "--verbose")
+    report_of(finished)
+    assert "never landed" in finished.stderr
+    assert_batches_exactly_once(sandbox, server, expected)

@@ -526,7 +526,9 @@ class BatchWorker:
         try:
             delivery = worker._publish(file, first_to_lapse)
         except LeaseLapsing as exc:
-            self.ledger.void(batch_id)  # publish removed its tmp: nothing became visible
+            # Usually nothing became visible (publish removed its tmp), but after a lost
+            # connection an earlier try may have published it: the batch stays recorded,
+            # and the run that gets its invoices back after this one settles it by looking.
             for row in rows:
                 outcomes[row.token] = replace_pending(row, str(exc))
             return

@@ -137,7 +137,8 @@ def checkpoint(step: str) -> None:
     """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup).
 
     The run's default ``on_checkpoint`` hook: every step of the pipeline ("claimed",
-    "fetched", "published_recorded", "acknowledged", "reported") and of publish
+    "fetched", "published_recorded", "acknowledged", "reported"), of batch mode
+    ("batch_fetched", "batch_recorded", "batch_published_recorded") and of publish
     ("tmp_open", "tmp_written", "published") passes through it.
     """
     if not _KILL_STEP or step != _KILL_STEP:

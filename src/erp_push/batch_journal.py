@@ -92,6 +92,9 @@ class BatchLedger:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
+        # Rows of batch files never change under one name and size: each lane of a run
+        # asks for the same files batch after batch.
+        self._seen: dict[tuple[str, int], list[str]] = {}
         with journal.transaction() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -120,12 +123,15 @@ class BatchLedger:
 
     def seen(self, name: str, size: int) -> list[str] | None:
         """Row digests of a batch file read before (None: not read yet)."""
+        if (name, size) in self._seen:
+            return self._seen[(name, size)]
         rows = self.journal.query(
             "SELECT rows FROM batch_files_seen WHERE name = ? AND size = ?", (name, size)
         )
         if not rows:
             return None
         digests: list[str] = json.loads(rows[0][0])
+        self._seen[(name, size)] = digests
         return digests
 
     # --- writes -------------------------------------------------------------------------
@@ -229,6 +235,7 @@ class BatchLedger:
             )
 
     def remember(self, name: str, size: int, digests: list[str]) -> None:
+        self._seen[(name, size)] = digests
         with self.journal.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO batch_files_seen (name, size, rows, seen_at)"

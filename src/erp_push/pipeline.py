@@ -33,7 +33,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
-from erp_push.batch import BatchWorker
 from erp_push.batch_journal import BatchLedger
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
@@ -57,6 +56,7 @@ from erp_push.render import FieldKeys, RenderedFile, render_invoice
 from erp_push.report import Outcome, Result, RunReport, integration_result_for, truncate
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
+    from erp_push.batch import BatchWorker
     from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
@@ -601,7 +601,11 @@ class Pusher:
             row_of=ledger.row_of,
         )
         # output_mode batch: each claimed batch is one file, delivered by one lane.
-        self.batches = BatchWorker(self.worker, ledger) if plan.output_mode == "batch" else None
+        self.batches: BatchWorker | None = None
+        if plan.output_mode == "batch":
+            from erp_push.batch import BatchWorker
+
+            self.batches = BatchWorker(self.worker, ledger)
         # The run's deadline, by the monotonic clock: past it nothing new is claimed or
         # started; what is in flight finishes its steps (each bounded by its timeouts).
         # Nuntiq calls get a grace period past it to finish those steps, then none is

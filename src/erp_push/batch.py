@@ -85,9 +85,14 @@ def row_of(file: RenderedFile) -> bytes:
 
 def rows_in(body: bytes) -> list[bytes] | None:
     """The data rows of a batch file (each with its LF); None if it is not one of ours."""
-    if not body.startswith(HEADER_LINE) or not body.endswith(b"\n"):
+    if not body.startswith(HEADER_LINE):
         return None
-    return [line + b"\n" for line in body[len(HEADER_LINE) : -1].split(b"\n")]
+    data = body[len(HEADER_LINE) :]
+    if not data:
+        return []
+    if not data.endswith(b"\n"):
+        return None  # cut short (a direct-mode file still being written, say)
+    return [line + b"\n" for line in data[:-1].split(b"\n")]
 
 
 def digest(row: bytes) -> str:
@@ -350,6 +355,8 @@ class BatchWorker:
         if any(self.ledger.membership(lease.invoice_token) for lease, _ in fresh):
             with worker.sessions.session() as sftp:
                 todo = self._settle_earlier_batches(sftp, fresh, outcomes)
+            if not todo:
+                return
         # The folders are read for rows delivered without the journal's record while the
         # invoices are fetched: both are round trips, and neither needs the other.
         with worker.sessions.session() as sftp, ThreadPoolExecutor(1, "batch-look") as side:
@@ -362,7 +369,7 @@ class BatchWorker:
         pending = self._not_now(rows)
         if pending is not None:
             for row in rows:
-                outcomes[row.token] = replace_pending(row, pending)
+                outcomes[row.token] = _pending(row, pending)
             return
         self._publish(rows, outcomes)
 
@@ -530,14 +537,14 @@ class BatchWorker:
             # connection an earlier try may have published it: the batch stays recorded,
             # and the run that gets its invoices back after this one settles it by looking.
             for row in rows:
-                outcomes[row.token] = replace_pending(row, str(exc))
+                outcomes[row.token] = _pending(row, str(exc))
             return
         except SftpOperationError as exc:
             if exc.failure_code == UNEXPLAINED_WRITE_FAILURE:
                 worker.health.unexplained_failure(str(exc))
                 self.ledger.void(batch_id)
                 for row in rows:
-                    outcomes[row.token] = replace_pending(row, f"{exc}; left for the next run")
+                    outcomes[row.token] = _pending(row, f"{exc}; left for the next run")
                 return
             if exc.failure_code in SERVER_REFUSALS:
                 worker.health.refused(exc.failure_code)
@@ -577,7 +584,7 @@ class BatchWorker:
         return Drop(outbox=plan.outbox, sent=plan.sent, mode=plan.publish_mode)
 
 
-def replace_pending(row: _Row, message: str) -> Outcome:
+def _pending(row: _Row, message: str) -> Outcome:
     return Outcome(row.token, Result.PENDING, row.file.invoice_number, message=truncate(message))
 
 

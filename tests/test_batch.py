@@ -90,6 +90,20 @@ def assert_batches_exactly_once(
     return files
 
 
+def _server(kind: str, request: pytest.FixtureRequest, factory: Factory) -> SftpServerInfo:
+    """OpenSSH (shared by the session, emptied before and after), plain asyncssh, or an
+    asyncssh variant: ``instant_pickup`` (the ERP moves each file to sent/ the moment it
+    appears), ``rename_overwrites`` (and no hardlink)."""
+    if kind == "openssh":
+        server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
+        server.clear()
+        request.addfinalizer(server.clear)
+        return server
+    if kind == "asyncssh":
+        return factory()
+    return factory(kind, hardlink=kind != "rename_overwrites")
+
+
 # --- the file ---------------------------------------------------------------------------
 
 
@@ -103,12 +117,7 @@ def test_each_claimed_batch_is_one_file_of_rows_in_claim_order(
     sftp_server_factory: Factory,
     make_settings: MakeSettings,
 ) -> None:
-    if kind == "openssh":
-        server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
-        server.clear()  # shared by the whole session
-        request.addfinalizer(server.clear)
-    else:  # instant_pickup: the ERP moves each file to sent/ the moment it appears
-        server = sftp_server_factory("normal" if kind == "asyncssh" else kind)
+    server = _server(kind, request, sftp_server_factory)
     tokens = sandbox.control.seed(7, awkward=True)  # two of them cannot be rendered
     expected = expected_files(sandbox, tokens)
     path = make_settings(server, config={**BATCH, "batch_size": 3})
@@ -206,11 +215,26 @@ CRASH_POINTS = {
 }
 
 
-@pytest.mark.parametrize("step", list(CRASH_POINTS))
+CRASH_CASES = [
+    *[pytest.param(step, "asyncssh", id=step) for step in CRASH_POINTS],
+    # OpenSSH publishes by hardlink: the moments around it once more on the real thing
+    *[
+        pytest.param(step, "openssh", id=f"{step}-openssh", marks=pytest.mark.sshd)
+        for step in ("tmp_written", "published", "acknowledged")
+    ],
+]
+
+
+@pytest.mark.parametrize(("step", "kind"), CRASH_CASES)
 def test_a_batch_run_killed_at_any_step_is_finished_without_duplicates(
-    step: str, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+    step: str,
+    kind: str,
+    sandbox: Sandbox,
+    request: pytest.FixtureRequest,
+    sftp_server_factory: Factory,
+    make_settings: MakeSettings,
 ) -> None:
-    server = asyncssh_sftp
+    server = _server(kind, request, sftp_server_factory)
     tokens = sandbox.control.seed(6, awkward=True)
     expected = expected_files(sandbox, tokens)
     path = make_settings(server, config={**BATCH, "batch_size": 2})
@@ -281,14 +305,7 @@ def test_a_lost_journal_finds_the_rows_in_recent_batch_files(
     """The journal is gone (another machine takes over): an invoice whose row is in a
     batch file in the outbox or sent/ is delivered there, at that row; the others go
     into a new file; none is in two files."""
-    if kind == "openssh":
-        server: SftpServerInfo = request.getfixturevalue("openssh_sftp")
-        server.clear()
-        request.addfinalizer(server.clear)
-    elif kind == "asyncssh":
-        server = sftp_server_factory()
-    else:
-        server = sftp_server_factory(kind, hardlink=False)
+    server = _server(kind, request, sftp_server_factory)
     tokens = sandbox.control.seed(5)
     expected = expected_files(sandbox, tokens)
     path = make_settings(server, config={**BATCH, "batch_size": 3})
@@ -459,3 +476,15 @@ def test_a_batch_stalled_past_its_leases_is_never_published_and_settled_later(
     report_of(finished)
     assert "never landed" in finished.stderr
     assert_batches_exactly_once(sandbox, server, expected)
+
+
+def test_an_unknown_output_mode_is_named_before_anything_happens(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    sandbox.control.seed(1)
+    path = make_settings(asyncssh_sftp, config={"output_mode": "batches"})
+    result = push_cli(path)
+    assert result.returncode == ExitCode.SETTINGS
+    assert "config.output_mode" in result.stderr and "ERP_PUSH_OUTPUT_MODE" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert set(sandbox.control.statuses().values()) == {90}

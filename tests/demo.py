@@ -225,8 +225,10 @@ def _show_files(root: Path) -> None:
     console.print(table)
     tmp = [p for p in files if p.name.endswith(".tmp")]
     console.print(f"{len(files)} files, {len(tmp)} leftover .tmp files")
-    for prefix in ("INV-", "invoices-"):  # a per-invoice file, then a batch file
-        sample = next((p for p in files if p.name.startswith(prefix)), None)
+    per_invoice = next((p for p in files if p.name.startswith("INV-")), None)
+    batches = [p for p in files if p.name.startswith("invoices-")]
+    largest_batch = max(batches, key=lambda p: p.stat().st_size, default=None)
+    for sample in (per_invoice, largest_batch):
         if sample:
             console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")
             text = sample.read_bytes().decode("utf-8-sig").replace("\t", " → ")

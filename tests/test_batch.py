@@ -180,15 +180,16 @@ def test_a_server_refusal_fails_the_batch_with_its_code_and_stops(
 def test_dry_run_shows_the_file_and_rows_and_render_says_the_mode(
     sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
 ) -> None:
-    tokens = sandbox.control.seed(3)
-    path = make_settings(asyncssh_sftp, config=BATCH)
+    tokens = sandbox.control.seed(5)
+    path = make_settings(asyncssh_sftp, config={**BATCH, "batch_size": 3})
 
-    result = cli("dry-run", "--settings", str(path), "--json")
+    result = cli("dry-run", "--settings", str(path), "--json", "--limit", "5")
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)["invoices"]
-    assert [p["row"] for p in shown] == [1, 2, 3]
-    assert len({p["file_name"] for p in shown}) == 1
-    assert BATCH_FILE.fullmatch(shown[0]["file_name"])
+    assert [p["row"] for p in shown] == [1, 2, 3, 1, 2]  # a file per batch of 3, as push
+    first, second = shown[0]["file_name"], shown[3]["file_name"]
+    assert {p["file_name"] for p in shown} == {first, second} and first != second
+    assert BATCH_FILE.fullmatch(first) and BATCH_FILE.fullmatch(second)
     assert asyncssh_sftp.files() == {}
 
     rendered = cli("render", tokens[0], "--settings", str(path))

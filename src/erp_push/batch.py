@@ -592,22 +592,52 @@ def _pending(row: _Row, message: str) -> Outcome:
 
 
 def preview_batch(
-    session: SftpSession, drop: Drop, rendered: list[tuple[str, RenderedFile | RenderError]]
+    session: SftpSession,
+    drop: Drop,
+    rendered: list[tuple[str, RenderedFile | RenderError]],
+    batch_size: int,
 ) -> list[PreviewedFile]:
-    """What push would write for these invoices as one batch: the file's name (after
-    collisions) and each invoice's row; rows found in recent batch files count as
-    delivered, an invoice that cannot be rendered is left out. Writes nothing."""
+    """What push would write for these invoices, ``batch_size`` to a file as push claims
+    them: each file's name (after collisions) and each invoice's row; rows found in
+    recent batch files count as delivered, an invoice that cannot be rendered is left
+    out. Writes nothing."""
+    files = [row_of(item) for _, item in rendered if isinstance(item, RenderedFile)]
+    found = BatchIndex(session, drop, None).find(files)
+    shown: list[PreviewedFile] = []
+    names: set[str] = set()
+    for start in range(0, len(rendered), batch_size):
+        shown.extend(
+            _preview_one_batch(session, drop, rendered[start : start + batch_size], found, names)
+        )
+    return shown
+
+
+def _preview_one_batch(
+    session: SftpSession,
+    drop: Drop,
+    rendered: list[tuple[str, RenderedFile | RenderError]],
+    found: dict[bytes, tuple[str, int]],
+    names: set[str],
+) -> list[PreviewedFile]:
     from erp_push import publish
     from erp_push.report import PreviewedFile
 
-    files = [(token, item) for token, item in rendered if isinstance(item, RenderedFile)]
-    found = BatchIndex(session, drop, None).find([row_of(file) for _, file in files])
-    new = [(token, file) for token, file in files if row_of(file) not in found]
+    new = [
+        (token, item)
+        for token, item in rendered
+        if isinstance(item, RenderedFile) and row_of(item) not in found
+    ]
     name = collision = None
     if new:
         file = batch_file(batch_file_name(datetime.now(UTC)), [row_of(f) for _, f in new])
         delivery = publish.preview(session, drop, file)
         name = posixpath.basename(delivery.remote_path)
+        # Batches written in the same second: each takes the next free name.
+        taken = 1
+        while name in names:
+            name = publish.family_name(file.file_name, taken)
+            taken += 1
+        names.add(name)
         if delivery.already_delivered:
             collision = f"an identical file is already there: {delivery.remote_path}"
         elif name != file.file_name:

@@ -154,7 +154,8 @@ def dry_run(
                 from erp_push.publish import Drop
 
                 drop = Drop(outbox=folders[0], sent=folders[1])
-                report.files.extend(preview_batch(session, drop, rendered))
+                batch_size = settings.config.batch_size
+                report.files.extend(preview_batch(session, drop, rendered, batch_size))
                 return report
             for token, item in rendered:
                 report.files.append(_preview_one(session, folders, token, item))

@@ -201,8 +201,9 @@ def test_dry_run_shows_the_file_and_rows_and_render_says_the_mode(
 # --- exactly once, batch-wise -----------------------------------------------------------
 
 # Every step of batch mode a run can die at; "@2": the second batch (the first is in
-# flight or done), "acknowledged@2": between two members' acknowledgements. Awkward seed
-# 6 in batches of 2: two invoices fail rendering, so at least two batches have rows.
+# flight or done), "acknowledged@2": between two members' acknowledgements (a batch's
+# members are finished in parallel). Awkward seed 6 in batches of 3: two invoices fail
+# rendering, so both batches have rows.
 CRASH_POINTS = {
     "claimed": "claimed@2",  # the second batch's claims journaled
     "batch_fetched": "batch_fetched@2",  # rendered, nothing journaled for the batch
@@ -238,7 +239,7 @@ def test_a_batch_run_killed_at_any_step_is_finished_without_duplicates(
     server = _server(kind, request, sftp_server_factory)
     tokens = sandbox.control.seed(6, awkward=True)
     expected = expected_files(sandbox, tokens)
-    path = make_settings(server, config={**BATCH, "batch_size": 2})
+    path = make_settings(server, config={**BATCH, "batch_size": 3})
 
     killed = push_cli(path, kill_at=CRASH_POINTS[step])
     assert killed.returncode == KILLED, f"crash point {step} never fired: {killed.stderr}"

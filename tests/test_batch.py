@@ -490,3 +490,21 @@ def test_an_unknown_output_mode_is_named_before_anything_happens(
     assert "config.output_mode" in result.stderr and "ERP_PUSH_OUTPUT_MODE" in result.stderr
     assert "Traceback" not in result.stderr
     assert set(sandbox.control.statuses().values()) == {90}
+
+
+def test_batch_mode_never_shows_the_secrets(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
+) -> None:
+    """G7 in batch mode: push (delivering, then idle), dry-run and render with --debug:
+    neither the API key nor the SFTP password shows up anywhere."""
+    tokens = sandbox.control.seed(4, awkward=True)
+    path = make_settings(asyncssh_sftp, config={**BATCH, "batch_size": 2})
+    outputs = [
+        cli("--debug", "dry-run", "--settings", str(path), "--json", "--limit", "2"),
+        cli("--debug", "push", "--settings", str(path), "--drain", "--json", "--verbose"),
+        cli("--debug", "push", "--settings", str(path), "--json"),
+        cli("--debug", "render", tokens[0], "--settings", str(path)),
+    ]
+    for result in outputs:
+        for secret in (sandbox.api_key, asyncssh_sftp.password):
+            assert secret not in result.stdout and secret not in result.stderr

@@ -3,9 +3,9 @@
 Starts the Nuntiq sandbox and an SFTP server (asyncssh over a folder) as subprocesses,
 seeds invoices (some deliberately awkward), puts an unrelated file in the ERP's sent/
 folder under a name one invoice will want, then runs the real `erp-push` command line:
-dry-run, push --drain, an idle push, and a push with attachments. Shows what Nuntiq
-recorded and which files landed, then stops both servers. Everything lives in ./.demo
-(removed at the next demo).
+dry-run, push --drain, an idle push, a push with attachments, and a pass in batch mode
+(one file per claimed batch). Shows what Nuntiq recorded and which files landed, then
+stops both servers. Everything lives in ./.demo (removed at the next demo).
 """
 
 from __future__ import annotations
@@ -170,9 +170,17 @@ def main() -> None:
             # A second pass with attachments: three invoices with two files each, pushed
             # next to their CSV (named after it) and before it.
             nuntiq.seed(3, seed=3, attachments_per_invoice=2, attachment_bytes=200_000)
+            console.rule("[bold]With attachments (ERP_PUSH_PUSH_ATTACHMENTS=true)")
             console.print("Seeded 3 invoices with 2 attachments each (200 KB)")
             with_attachments = {**env, "ERP_PUSH_PUSH_ATTACHMENTS": "true"}
             erp_push("push", "--settings", str(settings), env=with_attachments)
+
+            # A third pass in batch mode: each claimed batch of 4 becomes one file.
+            nuntiq.seed(7, seed=4)
+            console.rule("[bold]Batch mode (ERP_PUSH_OUTPUT_MODE=batch, batch_size 4)")
+            console.print("Seeded 7 more invoices")
+            batch_env = {**env, "ERP_PUSH_OUTPUT_MODE": "batch", "ERP_PUSH_BATCH_SIZE": "4"}
+            erp_push("push", "--settings", str(settings), "--drain", env=batch_env)
 
             console.rule("[bold]What Nuntiq recorded")
             _show_statuses(nuntiq.invoices())
@@ -231,10 +239,14 @@ def _show_files(root: Path) -> None:
         f"{len(files)} files ({len(attachments)} attachments next to their CSV), "
         f"{len(tmp)} leftover .tmp files"
     )
-    sample = next((p for p in files if p.name.startswith("INV-")), None)
-    if sample:
-        console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")
-        console.print(sample.read_bytes().decode("utf-8-sig").replace("\t", " → "), markup=False)
+    per_invoice = next((p for p in files if p.name.startswith("INV-")), None)
+    batches = [p for p in files if p.name.startswith("invoices-")]
+    largest_batch = max(batches, key=lambda p: p.stat().st_size, default=None)
+    for sample in (per_invoice, largest_batch):
+        if sample:
+            console.print(f"\n[bold]{sample.name}[/bold] (tabs shown as →):")
+            text = sample.read_bytes().decode("utf-8-sig").replace("\t", " → ")
+            console.print(text, markup=False)
 
 
 def _short(text: str, width: int = 48) -> str:

@@ -668,6 +668,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         sftp_private_key_path="id_ed25519",
         remote_sent=None,
         publish_mode="direct",
+        output_mode="batch",
         sftp_connect_timeout_seconds=3,
         sftp_operation_timeout_seconds=4,
         sftp_keepalive_seconds=5.6,
@@ -730,6 +731,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         max_run_seconds=99,
         publish_mode="direct",
         render_rules=rules,
+        output_mode="batch",
     )
 
 
@@ -801,3 +803,13 @@ def test_a_push_plan_needs_the_connector_name(tmp_path: Path) -> None:
 
     with pytest.raises(SettingsError, match=r"config.connector_name .* is required"):
         settings.push_plan(drain=False, max_invoices=None)
+
+
+def test_batch_mode_with_attachments_is_named_before_anything_happens(tmp_path: Path) -> None:
+    """A batch file has no one invoice's stem for attachments to carry: the combination
+    is a settings problem for every command, not a surprise in the middle of a push."""
+    data = {"config": {"output_mode": "batch", "push_attachments": True}}
+    (problem,) = problems_of(write(tmp_path, data), set())
+    assert problem.startswith("config.push_attachments") and "output_mode batch" in problem
+    alone = {"config": {"output_mode": "batch"}}
+    assert load_settings(write(tmp_path, alone), needs=set()).config.output_mode == "batch"

@@ -608,6 +608,12 @@ def render(
     )
     today: date | None = on_date.date() if on_date else None
     rendered = _guarded(lambda: commands.render_one(cfg, invoice_token, today=today))
+    if cfg.config.output_mode == "batch":
+        # The invoice alone: push writes its data row into the batch file instead.
+        _say(
+            "output_mode is batch: push writes this invoice as one row (the second line) "
+            "of a batch file invoices-<YYYYMMDDTHHMMSSZ>.csv, under the same header"
+        )
     if output is not None:
         output.write_bytes(rendered.body)
         if not _quiet():
@@ -743,6 +749,18 @@ def resend(
     cfg = _begin(
         settings, {Need.STATE}, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet
     )
+    if cfg.config.output_mode == "batch":
+        from erp_push.errors import SettingsError
+
+        _fail(
+            SettingsError(
+                [
+                    "config.output_mode: resend works with per_invoice files; in batch mode "
+                    "an invoice's row is part of a batch file (put it back in Nuntiq and "
+                    "push it with output_mode per_invoice to send it alone)"
+                ]
+            )
+        )
     if not yes:
         question = (
             f"Re-send invoice {printable(invoice_token)}? The next push that claims it uploads a "

@@ -176,6 +176,14 @@ def dry_run(
         session = (connect_sftp or sftp_connector(settings))()
         report.sftp_checked = True
         try:
+            if settings.config.output_mode == "batch":
+                from erp_push.batch import preview_batch
+                from erp_push.publish import Drop
+
+                drop = Drop(outbox=folders[0], sent=folders[1])
+                batch_size = settings.config.batch_size
+                report.files.extend(preview_batch(session, drop, rendered, batch_size))
+                return report
             for token, item in rendered:
                 previewed = _preview_one(session, folders, token, item)
                 if previewed.file_name is not None and attached.get(token):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from erp_push.errors import JournalUnusable
 from erp_push.models import Lease
@@ -553,6 +553,18 @@ class Journal:
                 " AND remote_path = ?",
                 (invoice_token, entry.attachment_token, entry.remote_path),
             )
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction for modules that keep their own tables here
+        (``batch_journal``): its rows and the invoices' rows change together."""
+        with self._transaction():
+            yield self._db
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read of this journal (``batch_journal``'s own tables)."""
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
 
     # --- internals --------------------------------------------------------------------
 

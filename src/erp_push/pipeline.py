@@ -34,6 +34,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 from erp_push import logs
+from erp_push.batch_journal import BatchLedger
 from erp_push.claim import NuntiqClient
 from erp_push.errors import (
     AttachmentFailed,
@@ -59,6 +60,7 @@ from erp_push.report import Outcome, Result, RunReport, integration_result_for, 
 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
     from erp_push.attachments import AttachmentOptions
+    from erp_push.batch import BatchWorker
     from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
@@ -118,6 +120,7 @@ class PushPlan:
     max_run_seconds: float
     publish_mode: Literal["rename", "direct"]
     render_rules: RenderRules
+    output_mode: Literal["per_invoice", "batch"]
     attachments: AttachmentOptions | None = None  # None: no attachments are pushed
 
 
@@ -142,7 +145,8 @@ def checkpoint(step: str) -> None:
     """Kill this process hard at ``step`` when a crash test asked for it (SIGKILL: no cleanup).
 
     The run's default ``on_checkpoint`` hook: every step of the pipeline ("claimed",
-    "fetched", "published_recorded", "acknowledged", "reported") and of publish
+    "fetched", "published_recorded", "acknowledged", "reported"), of batch mode
+    ("batch_fetched", "batch_recorded", "batch_published_recorded") and of publish
     ("tmp_open", "tmp_written", "published") passes through it; with attachments also
     "attachments_downloaded", each attachment's publish steps prefixed "attachment_",
     and "attachment_recorded".
@@ -363,6 +367,7 @@ class InvoiceWorker:
         today: date,
         on_checkpoint: Checkpoint | None = None,
         health: ServerHealth | None = None,
+        row_of: Callable[[str], int | None] | None = None,
     ) -> None:
         self.nuntiq = nuntiq
         self.sessions = sessions
@@ -373,6 +378,8 @@ class InvoiceWorker:
         # Crash tests kill (or stall) the run at a named step, the pipeline's and
         # publish's alike: ``checkpoint`` unless a test passes its own.
         self.checkpoint = on_checkpoint or checkpoint
+        # An invoice delivered in a batch file is reported with its row there.
+        self.row_of = row_of or (lambda _token: None)
 
     def deliver(self, lease: Lease, entry: Entry) -> Outcome:
         """Take ``lease`` from wherever the journal says it got to, to a reported result."""
@@ -383,7 +390,11 @@ class InvoiceWorker:
             elif entry.delivered:
                 assert entry.remote_path is not None
                 outcome = Outcome(
-                    token, Result.ALREADY_DELIVERED, entry.invoice_number, entry.remote_path
+                    token,
+                    Result.ALREADY_DELIVERED,
+                    entry.invoice_number,
+                    entry.remote_path,
+                    row=self.row_of(token),
                 )
             else:
                 outcome = self._upload(lease, entry)
@@ -671,6 +682,7 @@ class Pusher:
         self.plan = plan
         self.sessions = SessionPool(connect_sftp, max_channels=plan.max_channels)
         self.health = ServerHealth()
+        ledger = BatchLedger(journal)
         self.worker = InvoiceWorker(
             nuntiq=nuntiq,
             sessions=self.sessions,
@@ -679,7 +691,14 @@ class Pusher:
             today=today or datetime.now(UTC).date(),
             on_checkpoint=on_checkpoint,
             health=self.health,
+            row_of=ledger.row_of,
         )
+        # output_mode batch: each claimed batch is one file, delivered by one lane.
+        self.batches: BatchWorker | None = None
+        if plan.output_mode == "batch":
+            from erp_push.batch import BatchWorker
+
+            self.batches = BatchWorker(self.worker, ledger)
         # The run's deadline, by the monotonic clock: past it nothing new is claimed or
         # started; what is in flight finishes its steps (each bounded by its timeouts).
         # Nuntiq calls get a grace period past it to finish those steps, then none is
@@ -831,7 +850,15 @@ class Pusher:
         leases = self._claim(1)
         if not leases or not self._warm_up_sftp(leases):
             return
-        in_flight: dict[Future[Outcome], int] = {}
+        if self.batches is not None and budget != 1:
+            # One file per claimed batch: the probe's batch is filled up to batch_size.
+            more = (
+                self.plan.batch_size - 1
+                if budget is None
+                else min(self.plan.batch_size, budget) - 1
+            )
+            leases += self._claim(more) if more > 0 else []
+        in_flight: dict[Future[Outcome | list[Outcome]], int] = {}
         batches: dict[int, list[Outcome]] = {}
         open_batches: dict[int, int] = {}  # batch number -> invoices not yet finished
         batch_no = 0
@@ -842,14 +869,18 @@ class Pusher:
                 batches[batch_no], open_batches[batch_no] = [], len(leases)
                 entries = [(lease, self.journal.record_claim(lease)) for lease in leases]
                 self.worker.checkpoint("claimed")
-                for lease, entry in entries:
-                    in_flight[self._pool.submit(self._deliver_one, lease, entry)] = batch_no
+                if self.batches is not None:
+                    in_flight[self._pool.submit(self._deliver_batch, entries)] = batch_no
+                else:
+                    for lease, entry in entries:
+                        in_flight[self._pool.submit(self._deliver_one, lease, entry)] = batch_no
                 leases = []
             stop_reason = self._why_stop_claiming(queue_empty, budget)
             # The probe is finished before more is claimed: a server that refuses every
             # write, or a Nuntiq that refuses every result, then costs one invoice.
             probing = 1 in open_batches
-            if stop_reason is None and not probing and len(in_flight) < self.plan.concurrency:
+            in_flight_invoices = sum(open_batches.values())
+            if stop_reason is None and not probing and in_flight_invoices < self.plan.concurrency:
                 left = None if budget is None else budget - self.report.claimed
                 limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
                 leases = self._claim(limit)
@@ -862,10 +893,11 @@ class Pusher:
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 number = in_flight.pop(future)
-                outcome = future.result()
-                self._record(outcome)
-                batches[number].append(outcome)
-                open_batches[number] -= 1
+                result = future.result()
+                for outcome in result if isinstance(result, list) else [result]:
+                    self._record(outcome)
+                    batches[number].append(outcome)
+                    open_batches[number] -= 1
                 if open_batches[number] == 0:
                     self._batch_finished(batches.pop(number))
                     del open_batches[number]
@@ -981,6 +1013,28 @@ class Pusher:
                 entry.invoice_number,
                 message=f"unexpected error: {type(exc).__name__}",
             )
+
+    def _deliver_batch(self, work: list[tuple[Lease, Entry]]) -> list[Outcome]:
+        """output_mode batch: the claimed batch as one file (``batch.BatchWorker``)."""
+        assert self.batches is not None
+        why = None
+        if self._stop is not None:
+            why = f"run stopped: {self._stop}"
+        elif time.monotonic() >= self._deadline:
+            why = "not started: the run reached max_run_seconds"
+        if why is None:
+            try:
+                outcomes, stopped = self.batches.deliver(work)
+                if stopped is not None:
+                    self._stop = self._stop or stopped
+                return outcomes
+            except Exception as exc:  # a bug must not lose the batch: journal keeps the state
+                log.exception("unexpected error delivering a batch")
+                why = f"unexpected error: {type(exc).__name__}"
+        return [
+            Outcome(lease.invoice_token, Result.PENDING, entry.invoice_number, message=why)
+            for lease, entry in work
+        ]
 
     def _record(self, outcome: Outcome) -> None:
         self.report.add(outcome)

@@ -88,6 +88,7 @@ class Outcome:
     remote_path: str | None = None
     failure_code: str | None = None
     message: str | None = None
+    row: int | None = None  # output_mode batch: the invoice's row in the batch file (1 = first)
 
     @property
     def ok(self) -> bool:
@@ -99,15 +100,17 @@ def integration_result_for(outcome: Outcome) -> IntegrationResult:
     if outcome.ok:
         assert outcome.remote_path is not None
         path = outcome.remote_path
+        # A batch file holds many invoices: the row tells the ERP's people which is which.
+        message = DELIVERED_MESSAGE if outcome.row is None else str(outcome.row)
         if wire.text_length(path) <= wire.EXTERNAL_TEXT_MAX:
-            return IntegrationResult.delivered(path, DELIVERED_MESSAGE)
+            return IntegrationResult.delivered(path, message)
         # A long file name in a deep folder can pass Nuntiq's limit on external ids:
         # the name (at most 200 bytes, see render) goes first, its folder second.
         folder, _, name = path.rpartition("/")
         return IntegrationResult(
             success=True,
             external_ids=(name, folder[: wire.EXTERNAL_TEXT_MAX] or "/", None),
-            external_messages=(DELIVERED_MESSAGE, None, None),
+            external_messages=(message, None, None),
         )
     assert outcome.failure_code is not None
     return IntegrationResult.failed(
@@ -213,6 +216,8 @@ class RunReport(CommandReport):
                     Result.PENDING: "yellow",
                 }[o.result]
                 detail = o.remote_path or f"{o.failure_code or ''} {o.message or ''}".strip()
+                if o.remote_path and o.row is not None:
+                    detail = f"{o.remote_path} row {o.row}"
                 # Numbers, paths and messages come from Nuntiq and the SFTP server: shown
                 # as plain Text (no rich markup), control characters escaped.
                 table.add_row(
@@ -284,6 +289,7 @@ class PreviewedFile:
     failure_code: str | None = None
     message: str | None = None
     attachments: list[str] = field(default_factory=list)  # uploaded before it, in order
+    row: int | None = None  # output_mode batch: its row in the batch file
 
 
 @dataclass
@@ -338,10 +344,14 @@ class DryRunReport(CommandReport):
                     f"already delivered as {cell(p.already_delivered)}",
                 )
             else:
-                names = [p.file_name or "", *(f"+ {name}" for name in p.attachments)]
+                name = p.file_name or ""
+                names = [
+                    name if p.row is None else f"{name} row {p.row}",
+                    *(f"+ {attachment}" for attachment in p.attachments),
+                ]
                 table.add_row(
                     cell(p.invoice_number or ""),
-                    "\n".join(cell(name) for name in names),
+                    "\n".join(cell(n) for n in names),
                     cell(p.collision or ""),
                 )
         screen.console.print(table)

@@ -299,6 +299,14 @@ class Config(BaseModel):
         "invoice alone (ATTACHMENT_TOO_LARGE).",
     )
 
+    # What the ERP gets
+    output_mode: Literal["per_invoice", "batch"] = Field(
+        default="per_invoice",
+        description="per_invoice: one file per invoice. batch: one file "
+        "invoices-<YYYYMMDDTHHMMSSZ>.csv per claimed batch, one row per invoice "
+        "(batch_size rows at most).",
+    )
+
     @field_validator("nuntiq_base_url")
     @classmethod
     def _https_unless_loopback(cls, value: str | None) -> str | None:
@@ -463,6 +471,7 @@ class Settings(BaseSettings):
             publish_mode=c.publish_mode,
             render_rules=c.render_rules(),
             attachments=c.attachment_options(),
+            output_mode=c.output_mode,
         )
 
 
@@ -823,6 +832,13 @@ def _check_needs(
         if section_need in needs:
             req.add(json_key, message)
     c, s = settings.config, settings.secrets
+    if c.output_mode == "batch" and c.push_attachments:
+        # A batch file has no stem of one invoice for its attachments to carry.
+        req.add(
+            "config.push_attachments",
+            "cannot be true with config.output_mode batch (attachments are pushed "
+            "with per_invoice files only)",
+        )
     if Need.NUNTIQ in needs:
         req.require("config.nuntiq_base_url", c.nuntiq_base_url, "to talk to Nuntiq")
         req.require("secrets.nuntiq_api_key", s.nuntiq_api_key, "to talk to Nuntiq")

@@ -997,3 +997,23 @@ class SftpSession:
             for e in sorted(entries, key=lambda e: e.filename)
             if TMP_PATTERN.match(e.filename) and (e.st_mtime or 0) < cutoff
         ]
+
+    def list_files(self, folder: str) -> list[RemoteFile]:
+        """Every entry of ``folder`` with its size and time; a missing folder is empty.
+
+        Batch mode's lost-journal lookup is the only caller: batch files are named by
+        time, so they cannot be looked up by name as per-invoice files are.
+        """
+        try:
+            with self._guard(f"listing {folder}"):
+                entries = self._sftp.listdir_attr(folder)
+        except RemoteFileMissing:
+            return []
+        return [
+            RemoteFile(
+                path=posixpath.join(folder, e.filename),
+                size=e.st_size or 0,
+                mtime=datetime.fromtimestamp(e.st_mtime or 0, tz=UTC),
+            )
+            for e in entries
+        ]

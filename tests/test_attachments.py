@@ -31,6 +31,7 @@ from erp_push.render import render_invoice
 from erp_push.report import Result
 from erp_push.settings import Config
 from erp_push.transport import TMP_PATTERN
+from tests.bench.rig import run_child
 from tests.helpers import MakeSettings, push, run_cli
 from tests.sandbox.fixtures import Sandbox
 from tests.sandbox.seeding import attachment_content
@@ -574,19 +575,15 @@ def test_a_later_failure_removes_the_attachments_an_earlier_run_left(
 
 
 def _peak_rss_of_push(path: Path, tmp_path: Path) -> tuple[float, dict[str, Any]]:
-    """Run ``push`` in a child process; its own peak RSS (wait4's rusage) in MB, and report."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "erp_push", "push", "--settings", str(path), "--json"],
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-        )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, reaped here
-        child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, err.read_text()
-    return usage.ru_maxrss / 1024, json.loads(out.read_text())  # ru_maxrss: KiB on Linux
+    """Run ``push`` in a child process; its own peak RSS in MB, and its report.
+
+    Through the bench's small launcher: Linux carries a process's peak RSS across exec,
+    so a child forked straight from this (large) test process would report at least
+    this process's RSS as its own peak (see tests/bench/launch.py)."""
+    argv = [sys.executable, "-m", "erp_push", "push", "--settings", str(path), "--json"]
+    child = run_child(argv, dict(os.environ), timeout=300)
+    assert child.exit_code == 0, child.stderr
+    return child.peak_rss_mb, json.loads(child.stdout)
 
 
 def test_a_50_mb_attachment_pushes_with_flat_memory(

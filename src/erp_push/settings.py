@@ -152,7 +152,13 @@ class Config(BaseModel):
         description="Largest invoice answer read from Nuntiq, in bytes; a larger one fails "
         "that invoice alone (NUNTIQ_INVOICE_TOO_LARGE).",
     )
-    batch_size: int = Field(default=20, ge=1, le=50, description="Invoices claimed per run.")
+    batch_size: int = Field(
+        default=20,
+        ge=1,
+        le=50,
+        description="Invoices claimed at a time (a run without --drain claims one batch); "
+        "in output_mode batch, the most rows a batch file holds.",
+    )
     lease_ttl_seconds: int = Field(
         default=600, ge=60, le=1800, description="How long a claim holds an invoice."
     )

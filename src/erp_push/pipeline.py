@@ -453,14 +453,7 @@ class InvoiceWorker:
         except (LeaseLapsing, NameTaken) as exc:
             return Outcome(token, Result.PENDING, file.invoice_number, message=str(exc))
         except AttachmentFailed as exc:  # this invoice's attachment: it fails alone
-            self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
-            return Outcome(
-                token,
-                Result.FAILED,
-                file.invoice_number,
-                failure_code=exc.failure_code,
-                message=truncate(str(exc)),
-            )
+            return self._fail_alone(token, exc.failure_code, str(exc), file.invoice_number)
         except SftpOperationError as exc:
             if exc.failure_code == UNEXPLAINED_WRITE_FAILURE:
                 self.health.unexplained_failure(str(exc))
@@ -472,14 +465,7 @@ class InvoiceWorker:
                 )
             if exc.failure_code in SERVER_REFUSALS:
                 self.health.refused(exc.failure_code)
-            self.journal.record_failed(token, exc.failure_code, str(exc), file.invoice_number)
-            return Outcome(
-                token,
-                Result.FAILED,
-                file.invoice_number,
-                failure_code=exc.failure_code,
-                message=truncate(str(exc)),
-            )
+            return self._fail_alone(token, exc.failure_code, str(exc), file.invoice_number)
         self.health.published()
         if entry.resend:
             self.journal.record_resent(token, delivery.remote_path)  # the mark is used up

@@ -474,3 +474,25 @@ def test_prune_forgets_old_runs_and_done_resends_but_keeps_an_open_one(tmp_path:
     finally:
         journal.close()
     assert read_status(tmp_path / "state").runs == []
+
+
+def test_the_last_success_is_the_last_run_that_went_through_as_the_metrics_count_it(
+    tmp_path: Path,
+) -> None:
+    """Exit 1 (some invoices failed alone, each reported) is a run that did its job, as
+    erp_push_last_success_timestamp_seconds counts it; 3, 4 and 5 are not."""
+    from erp_push.journal import Journal
+    from erp_push.status import read_status
+
+    ran = []
+    for code in (0, 1, 4):
+        journal = Journal(tmp_path)
+        journal.start_run()
+        journal.record_run_started("push")
+        journal.record_run_finished(exit_code=code, claimed=1, recovered=0, counts={}, error=None)
+        ran.append(journal.run_id)
+        journal.close()
+
+    report = read_status(tmp_path)
+    assert report.last_success is not None
+    assert report.last_success.run_id == ran[1]  # the exit-1 run, not the later exit 4

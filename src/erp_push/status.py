@@ -369,7 +369,8 @@ def _read(
         alive_now = record.finished_at is None and run_lock_held(state_dir, record.run_id)
         report.runs.append(RunView(record, alive_now))
     success = db.execute(
-        "SELECT * FROM runs WHERE exit_code = 0 ORDER BY finished_at DESC LIMIT 1"
+        "SELECT * FROM runs WHERE exit_code IN (0, 1)"
+        " ORDER BY finished_at DESC, rowid DESC LIMIT 1"  # runs ending in one second: the later
     ).fetchone()
     report.last_success = run_from_row(success) if success else None
 

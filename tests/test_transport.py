@@ -13,7 +13,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from dataclasses import replace
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -732,6 +733,40 @@ def test_a_fresh_file_costs_four_round_trips_whatever_the_folders_hold(
     assert info.requests["list"] == 0
     per_file = 2 * (publishing.LOOKBACK_DAYS + 1) + 1 + 2 + 2 + 2
     assert sum(info.requests.values()) == 5 * per_file
+
+
+def test_an_invoice_is_looked_for_no_further_back_than_the_day_before_it_was_created(
+    sftp_server_factory: Factory,
+) -> None:
+    """A file cannot be older than its invoice: publish looks back to the day before the
+    invoice's creation (a day's slack for the clocks), not LOOKBACK_DAYS. An invoice
+    created today costs 4 stats instead of 16, whatever LOOKBACK_DAYS says."""
+    info = sftp_server_factory("normal")
+    assert info.requests is not None
+    file = replace(rendered(name="ABC-20260110.csv"), created_on=date(2026, 1, 9))
+    assert publishing.day_names(file.file_name, not_before=date(2026, 1, 8)) == [
+        "ABC-20260110.csv",
+        "ABC-20260109.csv",
+        "ABC-20260108.csv",
+    ]
+    assert publishing.day_names(file.file_name, not_before=date(2026, 1, 11)) == [
+        "ABC-20260110.csv"  # a creation date ahead of ours (clocks): today's name still
+    ]
+
+    info.write(f"{info.sent}/ABC-20260108.csv", BODY)  # the day before creation: looked at
+    assert publish(info, file) == Delivery(
+        remote_path=f"{info.sent}/ABC-20260108.csv", already_delivered=True
+    )
+
+    info.clear()
+    info.write(f"{info.sent}/ABC-20260107.csv", BODY)  # before that: cannot be this invoice's
+    info.requests.clear()
+    delivery = publish(info, file)
+    assert delivery == Delivery(
+        remote_path=f"{info.outbox}/ABC-20260110.csv", already_delivered=False
+    )
+    # 3 days (the 10th, 9th, 8th) x 2 folders + create; write + close; 2 stats; link + remove
+    assert sum(info.requests.values()) == 2 * 3 + 1 + 2 + 2 + 2
 
 
 def test_an_identical_file_is_looked_for_up_to_lookback_days_back(server: SftpServerInfo) -> None:

@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, BinaryIO
 
 from erp_push import errors
@@ -151,6 +151,7 @@ class Spooled:
         self.sha256 = sha256
         self.file_name = ""  # given once the CSV's name is known
         self.other_name: str | None = None  # attachment names are ASCII in either charset
+        self.created_on: date | None = None  # looked for under today's names only
 
     @property
     def size(self) -> int:

@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -86,6 +86,9 @@ class RenderedFile:
     # The name the other file_name_charset gives, where it differs: a run before the
     # setting changed (or before erp-push had it) may have published the file under it.
     other_name: str | None = None
+    # The UTC day Nuntiq created the invoice (None: not known). No run can have published
+    # a file for it before then, so publish looks back no further than that.
+    created_on: date | None = None
 
     # What publish streams (publish.Content): a CSV is one small piece.
     @property
@@ -137,7 +140,16 @@ def render_invoice(
         invoice_number=number,
         sha256=hashlib.sha256(body).hexdigest(),
         other_name=None if other_name == name else other_name,
+        created_on=_utc_day(invoice.created_at),
     )
+
+
+def _utc_day(moment: datetime | None) -> date | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # Nuntiq's times are UTC
+        return moment.date()
+    return moment.astimezone(UTC).date()
 
 
 # --- values ---------------------------------------------------------------------------

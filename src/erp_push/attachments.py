@@ -162,10 +162,6 @@ class Spooled:
         while data := self._spool.read(size):
             yield data
 
-    def save_as(self, dest: BinaryIO) -> None:
-        for data in self.chunks(SPOOL_CHUNK):
-            dest.write(data)
-
     def close(self) -> None:
         self._spool.close()
 

@@ -352,9 +352,12 @@ class BatchWorker:
     ) -> None:
         worker = self.worker
         todo = fresh
-        if any(self.ledger.membership(lease.invoice_token) for lease, _ in fresh):
+        earlier = {
+            lease.invoice_token: self.ledger.membership(lease.invoice_token) for lease, _ in fresh
+        }
+        if any(earlier.values()):
             with worker.sessions.session() as sftp:
-                todo = self._settle_earlier_batches(sftp, fresh, outcomes)
+                todo = self._settle_earlier_batches(sftp, fresh, earlier, outcomes)
             if not todo:
                 return
         # The folders are read for rows delivered without the journal's record while the
@@ -379,23 +382,27 @@ class BatchWorker:
         self,
         sftp: SftpSession,
         fresh: list[tuple[Lease, Entry]],
+        memberships: dict[str, Membership | None],
         outcomes: dict[str, Outcome],
     ) -> list[tuple[Lease, Entry]]:
-        """Invoices that were in a batch before: delivered there, waiting, or free again."""
+        """Invoices that were in a batch before (``memberships``): delivered there,
+        waiting, or free again."""
         from erp_push import publish
 
         drop = self._drop()
         settled: dict[str, str | None] = {}  # batch id -> where it landed (None: void)
+        alive: dict[str, bool] = {}  # run id -> its lock is held (asked once per run)
         todo: list[tuple[Lease, Entry]] = []
         for lease, entry in fresh:
             token = lease.invoice_token
-            earlier = self.ledger.membership(token)
+            earlier = memberships[token]
             if earlier is None:
                 todo.append((lease, entry))
                 continue
             if earlier.state == RECORDED and earlier.batch_id not in settled:
-                journal = self.worker.journal
-                if journal.run_is_alive(earlier.run_id):
+                if earlier.run_id not in alive:
+                    alive[earlier.run_id] = self.worker.journal.run_is_alive(earlier.run_id)
+                if alive[earlier.run_id]:
                     # Its run may still publish it: hands off until it is done.
                     outcomes[token] = Outcome(
                         token,

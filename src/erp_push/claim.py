@@ -64,7 +64,7 @@ M = TypeVar("M", bound=BaseModel)
 CHUNK_SIZE = 64 * 1024
 ERROR_BODY_MAX = 64 * 1024  # an error body is read only this far (it is a short JSON)
 # The client's own defaults, for use on its own (tests, tooling); settings.Config takes
-# nuntiq_timeout_seconds and max_invoice_bytes from here rather than restating them.
+# the same values from wire, which it can import without loading httpx.
 DEFAULT_TIMEOUT_SECONDS = wire.DEFAULT_TIMEOUT_SECONDS
 DEFAULT_MAX_REPLY_BYTES = wire.DEFAULT_MAX_REPLY_BYTES
 DEFAULT_MAX_CONNECTIONS = 10
@@ -567,21 +567,20 @@ class NuntiqClient:
         endpoint = wire.ATTACHMENT
         path = wire.path_for(endpoint, attachment_token=attachment_token)
         start = _position(dest)
-        cap = max_bytes
         if budget is None:
-            budget = self.attachment_budget(cap)
+            budget = self.attachment_budget(max_bytes)
 
         def attempt(deadline: float) -> int:
             written = 0
             try:
                 with self._exchange(endpoint, path, None, deadline, idle=self._timeout) as response:
                     announced = response.headers.get("Content-Length", "")
-                    if cap is not None and announced.isdigit() and int(announced) > cap:
-                        raise _attachment_too_large(attachment_token, cap, int(announced))
+                    if max_bytes is not None and announced.isdigit() and int(announced) > max_bytes:
+                        raise _attachment_too_large(attachment_token, max_bytes, int(announced))
                     for chunk in response.iter_bytes(CHUNK_SIZE):
                         written += len(chunk)
-                        if cap is not None and written > cap:
-                            raise _attachment_too_large(attachment_token, cap, None)
+                        if max_bytes is not None and written > max_bytes:
+                            raise _attachment_too_large(attachment_token, max_bytes, None)
                         dest.write(chunk)
             except _Retryable as failure:
                 if written and not _rewind(dest, start):

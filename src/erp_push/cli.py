@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 import typer
 
 from erp_push import __version__, logs
-from erp_push.errors import ErpPushError
+from erp_push.errors import ErpPushError, ExitCode
 from erp_push.text import printable, printable_lines
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ app = typer.Typer(
 
 log = logging.getLogger("erp_push.cli")
 
-INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in erp-push; unfinished invoices are in the journal
-INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
-TERMINATED = 143  # 128 + SIGTERM, as a shell reports `kill`, `timeout` or `systemctl stop`
+INTERNAL_ERROR = int(ExitCode.INTERNAL_ERROR)  # a bug; unfinished invoices are in the journal
+INTERRUPTED = int(ExitCode.INTERRUPTED)  # Ctrl-C
+TERMINATED = int(ExitCode.TERMINATED)  # `kill`, `timeout` or `systemctl stop`
 T = TypeVar("T")
 
 # The global options are accepted before and after the command (`erp-push --settings s.json

@@ -8,7 +8,6 @@ are passed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     # pays for it (see sftp_connector).
     from erp_push.transport import SftpSession
 
-log = logging.getLogger("erp_push.commands")
 
 # Dry-run has to claim to look (the contract has no list endpoint); the shortest TTL
 # Nuntiq allows keeps the invoices away from real pushes for as short a time as possible.
@@ -258,12 +256,10 @@ def save_attachments(
     """Download the invoice's attachments (those ``attachment_types`` selects) into
     ``folder`` under the names push would give them next to ``file_name`` (its CSV's
     name before collisions); streamed, each at most ``max_attachment_bytes``."""
-    from erp_push.attachments import AttachmentOptions, remote_names, selected
+    from erp_push.attachments import remote_names, selected
     from erp_push.errors import AttachmentTooLarge, ErpPushError, NuntiqNotFound
 
-    config = settings.config
-    types = None if config.attachment_types is None else frozenset(config.attachment_types)
-    options = AttachmentOptions(types=types, max_bytes=config.max_attachment_bytes)
+    options = settings.config.attachment_selection()
     client = nuntiq or nuntiq_client(settings)
     try:
         attachments = selected(client.get_invoice(invoice_token).invoice, options)

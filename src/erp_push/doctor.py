@@ -664,7 +664,7 @@ class SftpProbe:
                     Mark.WARN,
                     "a plain rename onto an existing name overwrites it here",
                 )
-        if HARDLINK in self._session().extensions:
+        if HARDLINK in session.extensions:
             with session.exchange("linking a probe") as batch:
                 link = batch.hardlink(second, self._probe_name("linked"))
             self.found.hardlink_works = link.ok
@@ -821,13 +821,14 @@ class SftpProbe:
                     for path, reply in replies
                     if reply.error is not None and not isinstance(reply.error, RemoteFileMissing)
                 ]
+                looks = []
                 if refused:
                     # A server that forbids deletion may say so for a name that is gone
                     # (renamed away): only the names still there were kept.
                     with session.exchange("looking at the probe files") as batch:
                         looks = [(path, error, batch.stat(path)) for path, error in refused]
-                for path, error, look in looks if refused else []:
-                    if look.error is not None and isinstance(look.error, RemoteFileMissing):
+                for path, error, look in looks:
+                    if isinstance(look.error, RemoteFileMissing):
                         continue
                     kept.append(path)
                     if error.sftp_code in (Status.PERMISSION_DENIED, Status.WRITE_PROTECT):

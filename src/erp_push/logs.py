@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from erp_push.report import CommandReport, Outcome
 
 LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 EVENTS = "erp_push.events"
 # The libraries erp-push drives narrate in their own words: paramiko every packet, and its
 # transport thread logs a failed handshake as an ERROR traceback and a refused channel as
@@ -91,6 +90,8 @@ def event(name: str, message: str, *, level: int = logging.INFO, **fields: Any) 
 def _emit(name: str, message: str, level: int, fields: dict[str, Any]) -> None:
     # The fields travel as one attribute: a key such as "name" or "message" cannot clash
     # with the LogRecord's own attributes (logging refuses those in ``extra``).
+    if not _events.isEnabledFor(level):
+        return
     kept = {key: value for key, value in fields.items() if value is not None}
     _events.log(level, "%s", message, extra={"event": name, "fields": kept})
 
@@ -106,6 +107,8 @@ def invoice(outcome: Outcome) -> None:
         if outcome.result is Result.PENDING
         else logging.ERROR
     )
+    if not _events.isEnabledFor(level):  # once per invoice: build nothing nobody shows
+        return
     detail = outcome.remote_path or " ".join(
         part for part in (outcome.failure_code, outcome.message) if part
     )

@@ -423,8 +423,8 @@ def publish(
         may_publish or (lambda: True),
         on_checkpoint or (lambda _name: None),
         fresh,
+        only_name,
     )
-    publishing.only_name = only_name
     if drop.mode == "direct":
         return publishing.direct()
     return publishing.via_tmp()
@@ -442,6 +442,7 @@ class _Publishing:
         may_publish: Callable[[], bool],
         on_checkpoint: Checkpoint,
         fresh: Callable[[str], None] | None = None,
+        only_name: str | None = None,
     ) -> None:
         self.session = session
         self.drop = drop
@@ -452,7 +453,7 @@ class _Publishing:
         self.fresh = fresh
         self.tmp = self._fresh_tmp_name()
         self.tmp_exists = False
-        self.only_name: str | None = None
+        self.only_name = only_name
 
     def _fresh_tmp_name(self) -> str:
         """``<name>.<8 hex>.erp-push.tmp`` in the outbox: unique per upload."""

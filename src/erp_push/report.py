@@ -174,8 +174,8 @@ class RunReport(CommandReport):
         """Everything but the invoices (each invoice is an event of its own in the logs)."""
         return {
             "command": self.command,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at) if self.finished_at else None,
+            "started_at": utc_iso(self.started_at),
+            "finished_at": utc_iso(self.finished_at) if self.finished_at else None,
             "exit_code": int(self.exit_code),
             "claimed": self.claimed,
             "recovered": self.recovered,
@@ -259,7 +259,7 @@ def _json_text(document: dict[str, Any]) -> str:
     return json_safe(json.dumps(document, ensure_ascii=False))
 
 
-def _iso(value: datetime) -> str:
+def utc_iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

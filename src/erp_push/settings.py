@@ -362,8 +362,10 @@ class Config(BaseModel):
 
     def attachment_options(self) -> AttachmentOptions | None:
         """What push does with attachments; None when it pushes none."""
-        if not self.push_attachments:
-            return None
+        return self.attachment_selection() if self.push_attachments else None
+
+    def attachment_selection(self) -> AttachmentOptions:
+        """Which attachments, how large at most (also for `render --attachments`)."""
         from erp_push.attachments import AttachmentOptions
 
         types = None if self.attachment_types is None else frozenset(self.attachment_types)

@@ -34,7 +34,7 @@ from erp_push.journal import (
     run_from_row,
     run_lock_held,
 )
-from erp_push.report import CommandReport, Result, RunReport, Screen
+from erp_push.report import CommandReport, Result, RunReport, Screen, utc_iso
 from erp_push.text import printable, shorten
 
 log = logging.getLogger("erp_push.status")
@@ -122,11 +122,11 @@ class Waiting:
             "reason": self.reason,
             "run_id": e.run_id,
             "run_alive": self.run_alive,
-            "lease_expires_at": _iso(e.lease_expires_at),
+            "lease_expires_at": utc_iso(e.lease_expires_at),
             "lease_alive": self.lease_alive,
             "remote_path": e.remote_path,
             "failure_code": e.failure_code if e.failed else None,
-            "updated_at": _iso(e.updated_at),
+            "updated_at": utc_iso(e.updated_at),
         }
 
 
@@ -201,8 +201,8 @@ class RunView:
             "command": r.command,
             "pid": r.pid,
             "state": self.state,
-            "started_at": _iso(r.started_at),
-            "finished_at": _iso(r.finished_at) if r.finished_at else None,
+            "started_at": utc_iso(r.started_at),
+            "finished_at": utc_iso(r.finished_at) if r.finished_at else None,
             "exit_code": r.exit_code,
             "claimed": r.claimed,
             "recovered": r.recovered,
@@ -233,12 +233,12 @@ class StatusReport(CommandReport):
             "state_dir": str(self.state_dir),
             "journal": str(self.journal_path),
             "journal_exists": self.journal_exists,
-            "now": _iso(self.now),
+            "now": utc_iso(self.now),
             "unfinished": [w.to_dict() for w in self.unfinished],
             "resends": [
                 {
                     "invoice_token": r.invoice_token,
-                    "requested_at": _iso(r.requested_at),
+                    "requested_at": utc_iso(r.requested_at),
                     "previous_path": r.previous_path,
                 }
                 for r in self.resends
@@ -249,8 +249,8 @@ class StatusReport(CommandReport):
             if success is None
             else {
                 "run_id": success.run_id,
-                "started_at": _iso(success.started_at),
-                "finished_at": _iso(success.finished_at) if success.finished_at else None,
+                "started_at": utc_iso(success.started_at),
+                "finished_at": utc_iso(success.finished_at) if success.finished_at else None,
             },
         }
 
@@ -398,7 +398,7 @@ class ResendReport(CommandReport):
             "invoice_token": self.mark.invoice_token,
             "marked": True,
             "already_marked": not self.new,
-            "requested_at": _iso(self.mark.requested_at),
+            "requested_at": utc_iso(self.mark.requested_at),
             "previous_path": self.mark.previous_path,
             "earlier_resends": self.delivered_before,
             "requeued_in_nuntiq": False,
@@ -443,10 +443,6 @@ def token_problem(invoice_token: str) -> str | None:
 
 
 # --- small formatting helpers -------------------------------------------------------------
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _clock(value: datetime) -> str:

@@ -758,7 +758,7 @@ def test_the_api_key_never_leaks(
     caplog.set_level(logging.DEBUG)  # httpx and httpcore included
 
     client = NuntiqClient(base_url, SecretStr(SECRET), retry=FAST, sleep=sleeps)
-    seen += [repr(client), str(vars(client)), repr(client._http), repr(client._http.auth)]
+    seen += [repr(client), str(vars(client)), *map(repr, client._transports)]
 
     calls: list[tuple[list[dict[str, Any]], Callable[[], object]]] = [
         ([], lambda: client.get_invoice(str(uuid.uuid4()))),  # 404
@@ -1443,7 +1443,7 @@ def test_every_connection_shares_one_tls_context() -> None:
     client = NuntiqClient("https://nuntiq.example/api", SecretStr("k"), max_connections=3)
     try:
         with client._lend() as a, client._lend() as b, client._lend() as c:
-            contexts = {id(http._transport._pool._ssl_context) for http in (a, b, c)}  # type: ignore[attr-defined]
+            contexts = {id(http._pool._ssl_context) for http in (a, b, c)}  # type: ignore[attr-defined]
             assert len({id(http) for http in (a, b, c)}) == 3
         assert len(contexts) == 1
     finally:

@@ -144,24 +144,6 @@ BOOKKEEPING_RETRY = RetryPolicy(
 )
 
 
-class _ApiKeyAuth(httpx.Auth):
-    """Adds the API key header to each request as it is sent.
-
-    The key stays a ``SecretStr`` until that moment, so it is in neither the client's
-    default headers nor any repr.
-    """
-
-    def __init__(self, api_key: SecretStr) -> None:
-        self._api_key = api_key
-
-    def auth_flow(self, request: httpx.Request) -> Any:
-        request.headers[wire.AUTH_HEADER] = self._api_key.get_secret_value()
-        yield request
-
-    def __repr__(self) -> str:
-        return "_ApiKeyAuth(api_key=SecretStr('**********'))"
-
-
 class _Retryable(Exception):
     """One attempt failed in a way a later attempt may not: carries what to report.
 
@@ -326,8 +308,9 @@ class _KeyRedactor(logging.Filter):
 
 
 class NuntiqClient:
-    """A connection pool to one Nuntiq tenant, safe to share between threads (httpx's
-    client is; the pipeline's workers share one). Close it (or use ``with``) when done.
+    """A connection pool to one Nuntiq tenant, safe to share between threads (each
+    request borrows a connection of its own; the pipeline's workers share one client).
+    Close it (or use ``with``) when done.
 
     Every Nuntiq failure is raised as an ``errors.NuntiqError`` subclass (only
     ``download_attachment`` also lets the destination's own ``OSError`` through).
@@ -379,17 +362,26 @@ class NuntiqClient:
         self._sleep = sleep
         self._rng = random.Random()
         self.base_url = base_url.rstrip("/")
-        # One httpx client per connection, lent to one request at a time: httpx's own
-        # pool re-examines every pooled connection (a poll() on each socket) for every
-        # request, which with a connection per lane was a large share of a run's CPU.
-        self._max_clients = max_connections
+        self._host = urlsplit(self.base_url).hostname or self.base_url
+        # Every request carries these; the key is added as each request is built, so it
+        # stays a SecretStr everywhere else (no default headers, no repr holds it).
+        self._headers = (
+            ("Accept", "application/json"),
+            ("User-Agent", f"erp-push/{__version__}"),
+        )
+        # One httpx transport (one keep-alive connection) per lane, lent to one request at
+        # a time. Requests go straight to the transport: httpx's Client layer (URL merging,
+        # cookies, auth and redirect flows, event hooks) was half of a request's CPU, and
+        # Nuntiq needs none of it (no cookies; a redirect is an error, never followed, as
+        # it would carry the key wherever it points). httpx's own pool re-examined every
+        # pooled connection for every request, hence one transport per connection.
+        self._max_transports = max_connections
         self._http_transport = http_transport
         self._tls: ssl.SSLContext | None = None
-        self._spare: queue.SimpleQueue[httpx.Client] = queue.SimpleQueue()
-        self._clients: list[httpx.Client] = []
-        self._clients_lock = threading.Lock()
-        self._http = self._new_client()  # the first; also what reprs and messages look at
-        self._spare.put(self._http)
+        self._spare: queue.SimpleQueue[httpx.BaseTransport] = queue.SimpleQueue()
+        self._transports: list[httpx.BaseTransport] = []
+        self._transports_lock = threading.Lock()
+        self._spare.put(self._new_transport())
         self._log_filter = _KeyRedactor(self._redact)
         for name in HTTP_LOGGERS:
             logging.getLogger(name).addFilter(self._log_filter)
@@ -397,23 +389,14 @@ class NuntiqClient:
     def __repr__(self) -> str:
         return f"NuntiqClient(base_url={self.base_url!r})"
 
-    def _new_client(self) -> httpx.Client:
-        client = httpx.Client(
-            base_url=self.base_url,
-            auth=_ApiKeyAuth(self._api_key),
-            timeout=httpx.Timeout(self._timeout),
-            # A redirect would carry X-API-Key to wherever it points; Nuntiq documents none.
-            follow_redirects=False,
-            headers={"Accept": "application/json", "User-Agent": f"erp-push/{__version__}"},
-            transport=self._http_transport
-            or _bounded_http_transport(
-                self.base_url,
-                httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                self._tls_context(),
-            ),
+    def _new_transport(self) -> httpx.BaseTransport:
+        transport = self._http_transport or _bounded_http_transport(
+            self.base_url,
+            httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            self._tls_context(),
         )
-        self._clients.append(client)
-        return client
+        self._transports.append(transport)
+        return transport
 
     def _tls_context(self) -> ssl.SSLContext | None:
         """One TLS context (httpx's own defaults) for all of this client's connections.
@@ -428,25 +411,25 @@ class NuntiqClient:
         return self._tls
 
     @contextmanager
-    def _lend(self) -> Iterator[httpx.Client]:
-        """A client (one connection) for one request; at most max_connections at once."""
+    def _lend(self) -> Iterator[httpx.BaseTransport]:
+        """A transport (one connection) for one request; at most max_connections at once."""
         try:
-            client = self._spare.get_nowait()
+            transport = self._spare.get_nowait()
         except queue.Empty:
-            with self._clients_lock:
-                fresh = len(self._clients) < self._max_clients
-                made = self._new_client() if fresh else None
+            with self._transports_lock:
+                fresh = len(self._transports) < self._max_transports
+                made = self._new_transport() if fresh else None
             # every connection busy and no room for another: wait for one to come back
-            client = made if made is not None else self._spare.get()
+            transport = made if made is not None else self._spare.get()
         try:
-            yield client
+            yield transport
         finally:
-            self._spare.put(client)
+            self._spare.put(transport)
 
     def close(self) -> None:
-        with self._clients_lock:
-            for client in self._clients:
-                client.close()
+        with self._transports_lock:
+            for transport in dict.fromkeys(self._transports):  # a given one is shared
+                transport.close()
         for name in HTTP_LOGGERS:
             logging.getLogger(name).removeFilter(self._log_filter)
 
@@ -667,17 +650,30 @@ class NuntiqClient:
         ``idle`` also bounds each socket operation (a download: data must keep coming)."""
         limit = max(deadline - time.monotonic(), 0.001)
         each = limit if idle is None else min(idle, limit)
+        headers = [*self._headers, (wire.AUTH_HEADER, self._api_key.get_secret_value())]
+        content = None
+        if body is not None:
+            # As httpx encodes json=: compact UTF-8, and no NaN (not JSON).
+            content = json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
+            headers.append(("Content-Type", "application/json"))
         try:
-            with (
-                _deadline(deadline),
-                self._lend() as http,
-                http.stream(
-                    endpoint.method, path, json=body, timeout=httpx.Timeout(each)
-                ) as response,
-            ):
-                if not response.is_success:
-                    raise self._http_failure(endpoint, response, _read_capped(response))
-                yield response
+            request = httpx.Request(
+                endpoint.method,
+                self.base_url + path,
+                headers=headers,
+                content=content,
+                extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"), each)},
+            )
+            with _deadline(deadline), self._lend() as transport:
+                response = transport.handle_request(request)
+                try:
+                    if not response.is_success:
+                        raise self._http_failure(endpoint, response, _read_capped(response))
+                    yield response
+                finally:
+                    response.close()
         except httpx.TransportError as exc:
             # Not chained: httpx's exception text may quote a header it refused (the
             # key) and tracebacks print causes; our message has the kind and details.
@@ -799,7 +795,7 @@ class NuntiqClient:
         # A failure on our side (e.g. httpx refusing a header) quotes what it refused,
         # which may be the key in an escaped form: only the kind is kept then.
         detail = self._redact(str(exc)) if retryable else ""
-        host = self._http.base_url.host
+        host = self._host
         if isinstance(exc, httpx.TimeoutException):
             text = f"Nuntiq {endpoint.name}: no complete answer from {host} within {limit:.1f}s"
         else:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
+import pytest
+
 from erp_push.errors import SftpOperationError
-from erp_push.pipeline import SessionPool
+from erp_push.pipeline import PARALLEL_LOGINS, SessionPool
 from erp_push.transport import SftpSession
 from tests.sftp_servers.fixtures import SftpServerInfo
 
@@ -116,4 +119,86 @@ def test_a_server_refusing_more_logins_caps_the_pool_instead_of_failing(
         thread.join(timeout=30)
     assert len(handed) == 3 and all(s is first for s in handed)  # all shared the one
     assert len(logins) == 1
+    pool.close()
+
+
+def _slow_logins(
+    server: SftpServerInfo, logins: list[SftpSession], at_once: dict[str, int]
+) -> Callable[[], SftpSession]:
+    """connect() over a slow network (each login takes 0.2 s), counting logins in flight."""
+    lock = threading.Lock()
+
+    def connect() -> SftpSession:
+        with lock:
+            at_once["now"] += 1
+            at_once["most"] = max(at_once["most"], at_once["now"])
+        try:
+            time.sleep(0.2)  # logins overlap here if the pool lets them
+            session = SftpSession.connect(server.options())
+        finally:
+            with lock:
+                at_once["now"] -= 1
+        with lock:
+            logins.append(session)
+        return session
+
+    return connect
+
+
+def _hold_sessions(pool: SessionPool, workers: int) -> list[SftpSession]:
+    """``workers`` threads that each take a session and keep it until all have one."""
+    lock = threading.Lock()
+    release = threading.Event()
+    handed: list[SftpSession] = []
+
+    def worker() -> None:
+        with pool.session() as session:
+            with lock:
+                handed.append(session)
+            release.wait(timeout=30)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(handed) < workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    return handed
+
+
+def test_logins_beyond_the_first_are_opened_a_few_at_a_time(
+    asyncssh_sftp: SftpServerInfo,
+) -> None:
+    """Each login costs several round trips: workers that each need one are served by a
+    few logins in parallel (PARALLEL_LOGINS), never by a burst the server would throttle."""
+    logins: list[SftpSession] = []
+    at_once = {"now": 0, "most": 0}
+    pool = SessionPool(_slow_logins(asyncssh_sftp, logins, at_once), max_channels=1)
+    pool.warm_up()
+
+    handed = _hold_sessions(pool, 2 * PARALLEL_LOGINS)
+
+    assert len({id(s) for s in handed}) == 2 * PARALLEL_LOGINS  # one channel per login
+    assert at_once["most"] == PARALLEL_LOGINS  # in parallel, but never more at once
+    pool.close()
+
+
+@pytest.mark.parametrize(("workers", "expected_logins"), [(20, 2), (25, 3)])
+def test_workers_wait_for_a_login_in_progress_rather_than_open_more(
+    asyncssh_sftp: SftpServerInfo, workers: int, expected_logins: int
+) -> None:
+    """Ten workers short of a channel need one more 10-channel login, not PARALLEL_LOGINS
+    of them: they wait for the one in progress."""
+    logins: list[SftpSession] = []
+    at_once = {"now": 0, "most": 0}
+    pool = SessionPool(_slow_logins(asyncssh_sftp, logins, at_once), max_channels=10)
+    pool.warm_up()
+
+    handed = _hold_sessions(pool, workers)
+
+    assert len({id(s) for s in handed}) == workers
+    assert len(logins) == expected_logins
     pool.close()

@@ -161,14 +161,20 @@ def checkpoint(step: str) -> None:
 # --- SFTP sessions: one per worker, opened only when needed ---------------------------
 
 
+# New SFTP logins opened at once. Each costs several round trips (about 0.2 s at a 10 ms
+# delay each way), so 64 lanes on 10-channel logins ramp up in three rounds, not seven;
+# OpenSSH starts refusing unauthenticated connections beyond 10 (MaxStartups 10:30:100).
+PARALLEL_LOGINS = 3
+
+
 class SessionPool:
     """Hands each worker its own SFTP session (paramiko's client is not thread-safe).
 
     Sessions are opened lazily, so a run that has nothing to upload never logs in. Extra
     workers get their own SFTP channel on an existing login, at most ``max_channels`` per
     login (servers cap channels per connection, and ProFTPD drops the whole connection
-    on one too many); beyond that another login is opened, one at a time. A server that
-    will not take another login (OpenSSH's MaxStartups drops connections that arrive in
+    on one too many); beyond that more logins are opened, PARALLEL_LOGINS at a time. A
+    server that will not take another login (OpenSSH's MaxStartups drops connections that arrive in
     a burst) caps the pool at the logins it has: workers then wait for a free session.
     """
 
@@ -185,7 +191,13 @@ class SessionPool:
         self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
         self._all: list[SftpSession] = []
         self._lock = threading.Lock()  # guards _all, _opening_on and _capped
-        self._logging_in = threading.Lock()  # one new login at a time
+        self._logging_in = threading.BoundedSemaphore(PARALLEL_LOGINS)
+        # Logins being opened, and the workers waiting for a channel on one of them: a
+        # worker waits for a login in progress that has a channel to spare rather than
+        # open one more (twenty lanes need two logins, not four).
+        self._login_done = threading.Condition(self._lock)
+        self._logins_opening = 0
+        self._awaiting_logins = 0
         self._opening_on: dict[int, int] = {}  # channels being opened, per login
         self._capped = False  # the server refused another login: make do with these
         self._traits: ServerTraits | None = None
@@ -257,42 +269,82 @@ class SessionPool:
     def _open(self) -> SftpSession | None:
         """A new channel on a login with room, else a new login; None when capped.
 
-        Channels are opened in parallel (each costs a round trip or two); logins one at
-        a time, since servers throttle bursts of them.
+        Channels are opened in parallel (each costs a round trip or two); logins a few
+        at a time (PARALLEL_LOGINS), since servers throttle bursts of them.
         """
+        while True:
+            session, refused = self._open_channel()
+            if session is not None:
+                return session
+            if not refused and self._await_login_in_progress():
+                continue  # a login finished (or failed): look again
+            with self._logging_in:
+                session = self._take_idle()  # one may have come back while we waited
+                if session is not None:
+                    return session
+                # Another worker's new login may have room now: use it (unless a
+                # login just refused us a channel: then a login of our own).
+                if not refused and self._has_room():
+                    continue
+                return self._open_login()
+
+    def _open_channel(self) -> tuple[SftpSession | None, bool]:
+        """A new channel on a login with room: (it, False); (None, False) when no login
+        has room; (None, True) when the login refused it or broke."""
         login = self._reserve_channel()
-        if login is not None:
+        if login is None:
+            return None, False
+        try:
+            session = login.open_channel()
+        except SftpUnreachable as exc:
+            log.info("%s; opening another connection", exc)
+            return None, True
+        finally:
+            with self._lock:
+                self._opening_on[id(login)] -= 1
+        with self._lock:
+            self._all.append(session)
+        return session, False
+
+    def _await_login_in_progress(self) -> bool:
+        """Wait for a login another worker is opening, if it will have a channel to spare
+        for this one; False (at once) if none will."""
+        with self._login_done:
+            spare = self._logins_opening * (self._max_channels - 1)
+            if self._awaiting_logins >= spare:
+                return False
+            self._awaiting_logins += 1
             try:
-                session = login.open_channel()
-            except SftpUnreachable as exc:
-                log.info("%s; opening another connection", exc)
-                session = None
+                self._login_done.wait(timeout=1.0)
             finally:
-                with self._lock:
-                    self._opening_on[id(login)] -= 1
-            if session is not None:
-                with self._lock:
-                    self._all.append(session)
-                return session
-        with self._logging_in:
-            session = self._take_idle()  # one may have come back while we waited
-            if session is not None:
-                return session
-            login = self._reserve_channel()  # another worker's new login may have room
-            if login is not None:
-                with self._lock:
-                    self._opening_on[id(login)] -= 1
-                return self._open()
-            with self._lock:
-                logins = [s for s in self._all if s.owns_connection and s.connected]
-                if self._capped and logins:
-                    return None
-            session = self._login(have_others=bool(logins))
-            if session is None:
+                self._awaiting_logins -= 1
+            return True
+
+    def _has_room(self) -> bool:
+        login = self._reserve_channel()
+        if login is None:
+            return False
+        with self._lock:
+            self._opening_on[id(login)] -= 1
+        return True
+
+    def _open_login(self) -> SftpSession | None:
+        """A new login (the caller holds a login slot); None when capped."""
+        with self._lock:
+            logins = [s for s in self._all if s.owns_connection and s.connected]
+            if self._capped and logins:
                 return None
-            with self._lock:
-                self._all.append(session)
-            return session
+            self._logins_opening += 1
+        session = None
+        try:
+            session = self._login(have_others=bool(logins))
+        finally:
+            with self._login_done:
+                self._logins_opening -= 1
+                if session is not None:
+                    self._all.append(session)
+                self._login_done.notify_all()
+        return session
 
     def _reserve_channel(self) -> SftpSession | None:
         """A live login with a free channel slot, the slot counted as taken."""

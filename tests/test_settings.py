@@ -90,7 +90,7 @@ def test_seed_layout_loads_with_defaults(tmp_path: Path) -> None:
         "/inbound/invoices/sent",
         20,
     )
-    assert (c.lease_ttl_seconds, c.concurrency, c.publish_mode) == (600, 32, "rename")
+    assert (c.lease_ttl_seconds, c.concurrency, c.publish_mode) == (600, 64, "rename")
     assert (c.field_invoice_number, c.field_total, c.vendor_address_type) == (
         "invoiceNumber",
         "grossAmount",

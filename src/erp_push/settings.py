@@ -163,7 +163,7 @@ class Config(BaseModel):
         default=600, ge=60, le=1800, description="How long a claim holds an invoice."
     )
     concurrency: int = Field(
-        default=32,
+        default=64,
         ge=1,
         le=64,
         description="Invoices in flight at once (each its own SFTP channel; "

@@ -176,8 +176,9 @@ class SessionPool:
     workers get their own SFTP channel on an existing login, at most ``max_channels`` per
     login (servers cap channels per connection, and ProFTPD drops the whole connection
     on one too many); beyond that more logins are opened, PARALLEL_LOGINS at a time. A
-    server that will not take another login (OpenSSH's MaxStartups drops connections that arrive in
-    a burst) caps the pool at the logins it has: workers then wait for a free session.
+    server that will not take another login (OpenSSH's MaxStartups drops connections
+    that arrive in a burst) caps the pool at the logins it has: workers then wait for a
+    free session.
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class SessionPool:
         self._login_retry_delay = login_retry_delay
         self._idle: queue.SimpleQueue[SftpSession] = queue.SimpleQueue()
         self._all: list[SftpSession] = []
-        self._lock = threading.Lock()  # guards _all, _opening_on and _capped
+        self._lock = threading.Lock()  # guards _all, _opening_on, _capped, the counts below
         self._logging_in = threading.BoundedSemaphore(PARALLEL_LOGINS)
         # Logins being opened, and the workers waiting for a channel on one of them: a
         # worker waits for a login in progress that has a channel to spare rather than

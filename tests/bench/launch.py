@@ -6,7 +6,8 @@ whatever it really used. Forked from this small interpreter (``-I -S``: no site,
 imports beyond the standard few, ~10 MB), the child's ``ru_maxrss`` is its own. The wall
 time is taken here too, from fork to reaping, so the launcher's own start-up is not in it.
 
-Writes ``{"wall_s", "exit_code", "maxrss_kb", "cpu_s", "timed_out"}`` to REPORT. After
+Writes ``{"wall_s", "exit_code", "maxrss_kb", "cpu_s", "switches", "timed_out"}`` to
+REPORT (``switches``: the child's voluntary context switches, its threads' waits). After
 TIMEOUT seconds the child is killed (SIGKILL) and reported as timed out.
 """
 
@@ -44,6 +45,7 @@ def main() -> int:
                 "exit_code": os.waitstatus_to_exitcode(status),
                 "maxrss_kb": usage.ru_maxrss,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
+                "switches": usage.ru_nvcsw,
                 "timed_out": bool(timed_out),
             },
             f,

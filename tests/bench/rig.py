@@ -68,6 +68,9 @@ class Run:
     timed_out: bool = False
     peak_rss_mb: float = 0.0
     cpu_s: float = 0.0  # the child's own user + system time
+    # The child's voluntary context switches: each a thread waiting (for I/O, a lock, the
+    # GIL). Per invoice, they show what threads taking turns cost (README, Speed).
+    switches: int = 0
     loop_s: float | None = None  # reference only: first open to last rename
     setup_s: float = 0.0  # seeding and folder preparation, not measured
     # CPU seconds during the run of the servers, and of everything else on the machine
@@ -101,6 +104,8 @@ class Run:
         if self.loop_s is not None:
             body += f", loop {self.loop_s:.2f} s"
         body += f", peak {self.peak_rss_mb:.0f} MB, cpu s: client {self.cpu_s:.1f}"
+        if self.invoices and self.kind != "idle":
+            body += f" ({self.switches / self.invoices:.0f} switches per {size.split()[-1][:-1]})"
         body += f", {cpu}" if cpu else ""
         verdict = "verified" if self.verified else f"NOT VERIFIED: {self.problem}"
         return f"{head}{body} — {verdict}"
@@ -120,6 +125,7 @@ class _Child:
     wall_s: float
     peak_rss_mb: float
     cpu_s: float
+    switches: int
     timed_out: bool
     stdout: str
     stderr: str
@@ -146,6 +152,7 @@ def run_child(argv: list[str], env: dict[str, str], timeout: float) -> _Child:
             wall_s=figures["wall_s"],
             peak_rss_mb=figures["maxrss_kb"] / 1024,  # KiB on Linux
             cpu_s=figures["cpu_s"],
+            switches=figures["switches"],
             timed_out=figures["timed_out"],
             stdout=out.read().decode(errors="replace"),
             stderr=stderr,
@@ -484,6 +491,7 @@ class Rig:
         run.timed_out = child.timed_out
         run.peak_rss_mb = round(child.peak_rss_mb, 1)
         run.cpu_s = round(child.cpu_s, 2)
+        run.switches = child.switches
 
     def _verify_push(
         self, tokens: list[str], sent_files: int, child: _Child

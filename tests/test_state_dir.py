@@ -309,3 +309,46 @@ def test_journal_files_are_0600_while_open_and_an_old_0644_journal_is_fixed(
 
     assert mode(state) == 0o755
     assert mode(state / "runs") == 0o700  # created by erp-push
+
+
+OPEN_AT = """
+import sys, time
+from pathlib import Path
+from erp_push.errors import JournalUnusable
+from erp_push.journal import Journal
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    Journal(Path(sys.argv[1])).close()
+    print("ok")
+except JournalUnusable as exc:
+    print(exc)
+"""
+
+
+def test_runs_started_together_on_a_new_state_dir_all_open_the_journal(
+    tmp_path: Path,
+) -> None:
+    """Cron and an operator (or four concurrent runs) starting at the same moment on a
+    state_dir that has no journal yet: each opens it; none reports it unusable. (SQLite
+    refuses the switch of a fresh file to WAL at once while another process holds it.)"""
+    import time
+
+    answers: list[str] = []
+    for round_ in range(8):
+        state = tmp_path / f"state{round_}"
+        start = time.time() + 1.0  # every child has imported erp-push by then
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_AT, str(state), repr(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        for child in children:
+            out, err = child.communicate(timeout=60)
+            answers.append(out.strip() or err.strip()[-300:])
+    assert [a for a in answers if a != "ok"] == []

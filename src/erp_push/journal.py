@@ -25,6 +25,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,6 +147,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# How long a process waits for another to let go of the journal (SQLite's busy timeout).
+BUSY_TIMEOUT_SECONDS = 30.0
 # Runs are kept as long as finished invoices are: what `status` can look back on.
 KEEP_FINISHED = timedelta(days=90)
 
@@ -223,10 +226,10 @@ class Journal:
         # One connection shared by this process's worker threads, serialised by SQLite's
         # own mutex (check_same_thread=False); other processes wait on busy_timeout.
         self._db = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
         )
         self._lock = threading.RLock()  # one transaction at a time on the shared connection
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self._db.executescript(_SCHEMA)
         _migrate(self._db)
@@ -590,6 +593,28 @@ class Journal:
 
 
 # --- opening: folders, modes, migrations, the write probe ------------------------------
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the journal in WAL mode (a no-op once it is).
+
+    Switching a fresh journal to WAL needs the file to itself, and SQLite answers
+    "database is locked" at once, without waiting out the busy timeout, while another
+    connection holds it: runs started together on a new state_dir would all but one
+    fail. So the switch is tried again, briefly, for as long as the busy timeout.
+    """
+    give_up = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= give_up:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

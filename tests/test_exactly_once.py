@@ -10,12 +10,15 @@ SIGKILL through ``_ERP_PUSH_KILL_AT=<step>[@<n>]`` (the n-th time any worker rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -342,6 +345,88 @@ def test_an_unpublished_crash_waits_for_its_lease_and_is_not_resumed_early(
     sandbox.control.advance_clock(LEASE_TTL + 1)
     report = report_of(push_cli(path))
     assert [o["result"] for o in report["invoices"]] == ["already_delivered"]
+    assert_exactly_once(sandbox, server, expected)
+
+
+# --- 1b. chaos: random kills while the ERP takes files ----------------------------------
+
+
+class _Erp(threading.Thread):
+    """An ERP polling its outbox: each file it sees is taken to sent/ a moment later."""
+
+    def __init__(self, server: SftpServerInfo, every: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.server, self.every = server, every
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every):
+            with contextlib.suppress(FileNotFoundError):  # a file gone between looks
+                move_outbox_to_sent(self.server)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+        move_outbox_to_sent(self.server)
+
+
+def _push_process(path: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "erp_push", "push", "--settings", str(path), "--drain", "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("server_fixture", "seed"),
+    [
+        pytest.param("asyncssh_sftp", 1, id="asyncssh-1"),
+        pytest.param("asyncssh_sftp", 2, id="asyncssh-2"),
+        pytest.param("openssh_sftp", 3, id="openssh-3", marks=pytest.mark.sshd),
+    ],
+)
+def test_random_kills_while_the_erp_takes_files_deliver_each_invoice_once(
+    server_fixture: str,
+    seed: int,
+    sandbox: Sandbox,
+    make_settings: MakeSettings,
+    request: pytest.FixtureRequest,
+) -> None:
+    """G1, G2, G3 under chaos: two runs at a time, each SIGKILLed at a random moment (or
+    left to finish), while the ERP moves every file it sees to sent/; leases lapse
+    between rounds. A last quiet run then finishes what is left. Every invoice ends
+    delivered once: one whole file, in the outbox or sent/, where Nuntiq was told."""
+    server: SftpServerInfo = request.getfixturevalue(server_fixture)
+    server.clear()
+    rng = random.Random(seed)
+    expected: dict[str, bytes | None] = {}
+    path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL, "batch_size": 10})
+    erp = _Erp(server)
+    erp.start()
+    try:
+        for round_ in range(5):
+            # New invoices every round, so that each round's runs have work to die in.
+            tokens = sandbox.control.seed(60, seed=seed * 10 + round_)
+            expected |= expected_files(sandbox, tokens)
+            runs = [_push_process(path) for _ in range(2)]
+            time.sleep(rng.uniform(0.3, 0.9))  # start-up is about 0.35 s
+            for run in runs:
+                if rng.random() < 0.75:
+                    run.kill()
+            for run in runs:
+                _, err = run.communicate(timeout=120)
+                assert run.returncode in (KILLED, ExitCode.OK, ExitCode.SOME_FAILED), err
+            sandbox.control.advance_clock(LEASE_TTL + 1)  # the dead runs' leases lapse
+        last = push_cli(path)
+        assert report_of(last)["exit_code"] == ExitCode.OK
+    finally:
+        erp.stop()
     assert_exactly_once(sandbox, server, expected)
 
 

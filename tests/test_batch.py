@@ -37,6 +37,7 @@ from tests.test_exactly_once import (
     final_files,
     move_outbox_to_sent,
     push_cli,
+    push_through_chaos,
     report_of,
     reported_path,
     settled_files,
@@ -523,3 +524,28 @@ def test_resend_is_refused_in_batch_mode_and_marks_nothing(tmp_path: Path) -> No
     assert "config.output_mode" in refused.stderr and "Traceback" not in refused.stderr
     shown = cli("status", "--json", "--settings", str(settings))
     assert shown.returncode == 0 and json.loads(shown.stdout)["resends"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("server_fixture", "seed"),
+    [
+        pytest.param("asyncssh_sftp", 4, id="asyncssh-4"),
+        pytest.param("openssh_sftp", 5, id="openssh-5", marks=pytest.mark.sshd),
+    ],
+)
+def test_random_kills_while_the_erp_takes_batch_files_put_each_invoice_in_one_row(
+    server_fixture: str,
+    seed: int,
+    sandbox: Sandbox,
+    make_settings: MakeSettings,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The chaos of test_exactly_once in batch mode: runs killed at random moments while
+    the ERP takes every batch file to sent/. Every invoice ends in exactly one row of one
+    batch file, the row Nuntiq was told."""
+    server: SftpServerInfo = request.getfixturevalue(server_fixture)
+    server.clear()
+    path = make_settings(server, config={**BATCH, "batch_size": 10})
+    expected = push_through_chaos(sandbox, server, path, seed)
+    assert_batches_exactly_once(sandbox, server, expected)

@@ -382,6 +382,38 @@ def _push_process(path: Path) -> subprocess.Popen[str]:
     )
 
 
+def push_through_chaos(
+    sandbox: Sandbox, server: SftpServerInfo, path: Path, seed: int, rounds: int = 5
+) -> dict[str, bytes | None]:
+    """Rounds of new invoices and two runs at a time, each SIGKILLed at a random moment
+    (or left to finish), while an ERP moves every file it sees to sent/; the leases of
+    dead runs lapse between rounds. A last quiet run finishes what is left. Returns each
+    invoice's expected bytes (``expected_files``)."""
+    rng = random.Random(seed)
+    expected: dict[str, bytes | None] = {}
+    erp = _Erp(server)
+    erp.start()
+    try:
+        for round_ in range(rounds):
+            # New invoices every round, so that each round's runs have work to die in.
+            tokens = sandbox.control.seed(60, seed=seed * 10 + round_)
+            expected |= expected_files(sandbox, tokens)
+            runs = [_push_process(path) for _ in range(2)]
+            time.sleep(rng.uniform(0.3, 0.9))  # start-up is about 0.35 s
+            for run in runs:
+                if rng.random() < 0.75:
+                    run.kill()
+            for run in runs:
+                _, err = run.communicate(timeout=120)
+                assert run.returncode in (KILLED, ExitCode.OK, ExitCode.SOME_FAILED), err
+            sandbox.control.advance_clock(LEASE_TTL + 1)  # the dead runs' leases lapse
+        last = push_cli(path)
+        assert report_of(last)["exit_code"] == ExitCode.OK
+    finally:
+        erp.stop()
+    return expected
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("server_fixture", "seed"),
@@ -404,29 +436,8 @@ def test_random_kills_while_the_erp_takes_files_deliver_each_invoice_once(
     delivered once: one whole file, in the outbox or sent/, where Nuntiq was told."""
     server: SftpServerInfo = request.getfixturevalue(server_fixture)
     server.clear()
-    rng = random.Random(seed)
-    expected: dict[str, bytes | None] = {}
     path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL, "batch_size": 10})
-    erp = _Erp(server)
-    erp.start()
-    try:
-        for round_ in range(5):
-            # New invoices every round, so that each round's runs have work to die in.
-            tokens = sandbox.control.seed(60, seed=seed * 10 + round_)
-            expected |= expected_files(sandbox, tokens)
-            runs = [_push_process(path) for _ in range(2)]
-            time.sleep(rng.uniform(0.3, 0.9))  # start-up is about 0.35 s
-            for run in runs:
-                if rng.random() < 0.75:
-                    run.kill()
-            for run in runs:
-                _, err = run.communicate(timeout=120)
-                assert run.returncode in (KILLED, ExitCode.OK, ExitCode.SOME_FAILED), err
-            sandbox.control.advance_clock(LEASE_TTL + 1)  # the dead runs' leases lapse
-        last = push_cli(path)
-        assert report_of(last)["exit_code"] == ExitCode.OK
-    finally:
-        erp.stop()
+    expected = push_through_chaos(sandbox, server, path, seed)
     assert_exactly_once(sandbox, server, expected)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -149,6 +150,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 # How long a process waits for another to let go of the journal (SQLite's busy timeout).
 BUSY_TIMEOUT_SECONDS = 30.0
+# Lock files that name families share (Journal.name_lock).
+NAME_LOCK_STRIPES = 64
 # Runs are kept as long as finished invoices are: what `status` can look back on.
 KEEP_FINISHED = timedelta(days=90)
 
@@ -236,6 +239,7 @@ class Journal:
         _prove_writable(self._db, state_dir / "runs", self.path)
         self._run_lock: IO[str] | None = None
         self.run_id = uuid.uuid4().hex
+        self._name_locks = [threading.Lock() for _ in range(NAME_LOCK_STRIPES)]
 
     # --- run ownership ----------------------------------------------------------------
 
@@ -247,6 +251,30 @@ class Journal:
         lock = open(path, "w", opener=_private_opener)  # noqa: SIM115
         fcntl.flock(lock, fcntl.LOCK_EX)
         self._run_lock = lock
+
+    @contextmanager
+    def name_lock(self, family: str) -> Iterator[None]:
+        """Hold the publishing of one family of names (``X.csv``, ``X-2.csv``, ...)
+        against every other lane and run sharing this state_dir.
+
+        Choosing a free name and publishing under it are separate steps on the server.
+        Two writers choosing from the same family at once (two runs' batch files named
+        in the same second; two invoices with one number) could both see a name free;
+        if one publishes it and the ERP moves it to sent/ before the other publishes the
+        same name, the ERP's next move overwrites the first file in sent/. Taking turns
+        per family closes that: the second writer looks after the first has published.
+        Families share NAME_LOCK_STRIPES lock files, so an unrelated family sometimes
+        waits a publish's length too. A killed holder's lock goes with its process.
+        """
+        stripe = int(hashlib.sha256(family.encode()).hexdigest()[:8], 16) % NAME_LOCK_STRIPES
+        with self._name_locks[stripe]:
+            path = self.state_dir / "runs" / f"publish-{stripe:02x}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # also releases the flock
 
     def run_is_alive(self, run_id: str) -> bool:
         if run_id == self.run_id:

@@ -582,7 +582,9 @@ class InvoiceWorker:
         token = lease.invoice_token
 
         def attempt() -> Delivery:
-            with self.sessions.session() as sftp:
+            # One writer at a time per family of names, across lanes and runs: see
+            # Journal.name_lock (two batch files named in the same second, say).
+            with self.journal.name_lock(file.file_name), self.sessions.session() as sftp:
                 if resend:
                     target = self.journal.resend_target(token)
                     name = target.rpartition("/")[2] if target else None

@@ -151,7 +151,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 # How long a process waits for another to let go of the journal (SQLite's busy timeout).
 BUSY_TIMEOUT_SECONDS = 30.0
 # Lock files that name families share (Journal.name_lock).
-NAME_LOCK_STRIPES = 64
+NAME_LOCK_STRIPES = 256
 # Runs are kept as long as finished invoices are: what `status` can look back on.
 KEEP_FINISHED = timedelta(days=90)
 

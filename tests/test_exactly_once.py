@@ -421,6 +421,8 @@ def push_through_chaos(
         pytest.param("asyncssh_sftp", 1, id="asyncssh-1"),
         pytest.param("asyncssh_sftp", 2, id="asyncssh-2"),
         pytest.param("openssh_sftp", 3, id="openssh-3", marks=pytest.mark.sshd),
+        # no hardlink, and a rename that overwrites: only the re-check keeps names apart
+        pytest.param("rename_overwrites", 6, id="rename-overwrites-6"),
     ],
 )
 def test_random_kills_while_the_erp_takes_files_deliver_each_invoice_once(
@@ -434,8 +436,12 @@ def test_random_kills_while_the_erp_takes_files_deliver_each_invoice_once(
     left to finish), while the ERP moves every file it sees to sent/; leases lapse
     between rounds. A last quiet run then finishes what is left. Every invoice ends
     delivered once: one whole file, in the outbox or sent/, where Nuntiq was told."""
-    server: SftpServerInfo = request.getfixturevalue(server_fixture)
-    server.clear()
+    if server_fixture == "rename_overwrites":
+        factory: Factory = request.getfixturevalue("sftp_server_factory")
+        server = factory("rename_overwrites", hardlink=False)
+    else:
+        server = request.getfixturevalue(server_fixture)
+        server.clear()
     path = make_settings(server, config={"lease_ttl_seconds": LEASE_TTL, "batch_size": 10})
     expected = push_through_chaos(sandbox, server, path, seed)
     assert_exactly_once(sandbox, server, expected)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -240,6 +240,7 @@ class Journal:
         self._run_lock: IO[str] | None = None
         self.run_id = uuid.uuid4().hex
         self._name_locks = [threading.Lock() for _ in range(NAME_LOCK_STRIPES)]
+        self._name_lock_files: dict[int, int] = {}  # stripe -> its lock file, kept open
 
     # --- run ownership ----------------------------------------------------------------
 
@@ -266,15 +267,17 @@ class Journal:
         Families share NAME_LOCK_STRIPES lock files, so an unrelated family sometimes
         waits a publish's length too. A killed holder's lock goes with its process.
         """
-        stripe = int(hashlib.sha256(family.encode()).hexdigest()[:8], 16) % NAME_LOCK_STRIPES
-        with self._name_locks[stripe]:
-            path = self.state_dir / "runs" / f"publish-{stripe:02x}.lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        stripe = zlib.crc32(family.encode()) % NAME_LOCK_STRIPES  # the same in every run
+        with self._name_locks[stripe]:  # flock is per open file: threads take turns here
+            fd = self._name_lock_files.get(stripe)
+            if fd is None:
+                path = self.state_dir / "runs" / f"publish-{stripe:02x}.lock"
+                fd = self._name_lock_files[stripe] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)  # also releases the flock
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def run_is_alive(self, run_id: str) -> bool:
         if run_id == self.run_id:
@@ -300,6 +303,9 @@ class Journal:
             Path(self._run_lock.name).unlink(missing_ok=True)
             self._run_lock.close()  # releases the flock
             self._run_lock = None
+        for fd in self._name_lock_files.values():
+            os.close(fd)
+        self._name_lock_files.clear()
         with self._lock:
             self._db.close()
 

@@ -324,12 +324,8 @@ class SessionPool:
             return True
 
     def _has_room(self) -> bool:
-        login = self._reserve_channel()
-        if login is None:
-            return False
         with self._lock:
-            self._opening_on[id(login)] -= 1
-        return True
+            return self._login_with_room() is not None
 
     def _open_login(self) -> SftpSession | None:
         """A new login (the caller holds a login slot); None when capped."""
@@ -352,13 +348,19 @@ class SessionPool:
     def _reserve_channel(self) -> SftpSession | None:
         """A live login with a free channel slot, the slot counted as taken."""
         with self._lock:
-            for login in self._all:
-                if not (login.owns_connection and login.connected):
-                    continue
-                used = sum(1 for s in self._all if s.same_connection(login))
-                if used + self._opening_on.get(id(login), 0) < self._max_channels:
-                    self._opening_on[id(login)] = self._opening_on.get(id(login), 0) + 1
-                    return login
+            login = self._login_with_room()
+            if login is not None:
+                self._opening_on[id(login)] = self._opening_on.get(id(login), 0) + 1
+            return login
+
+    def _login_with_room(self) -> SftpSession | None:
+        """A live login with a free channel slot (the caller holds ``_lock``)."""
+        for login in self._all:
+            if not (login.owns_connection and login.connected):
+                continue
+            used = sum(1 for s in self._all if s.same_connection(login))
+            if used + self._opening_on.get(id(login), 0) < self._max_channels:
+                return login
         return None
 
     def _login(self, *, have_others: bool) -> SftpSession | None:

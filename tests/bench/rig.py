@@ -93,7 +93,8 @@ class Run:
     def describe(self) -> str:
         where = "direct" if self.delay_ms is None else f"{self.delay_ms:g} ms proxy"
         what = {"push": "erp-push", "reference": "paramiko", "idle": "idle push"}[self.kind]
-        size = f"{self.invoices} " + ("files" if self.kind == "reference" else "invoices")
+        unit = "file" if self.kind == "reference" else "invoice"
+        size = f"{self.invoices} {unit}s"
         if self.sent_files:
             size += f", {self.sent_files} in sent/"
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in self.cpu_elsewhere_s.items())
@@ -105,7 +106,7 @@ class Run:
             body += f", loop {self.loop_s:.2f} s"
         body += f", peak {self.peak_rss_mb:.0f} MB, cpu s: client {self.cpu_s:.1f}"
         if self.invoices and self.kind != "idle":
-            body += f" ({self.switches / self.invoices:.0f} switches per {size.split()[-1][:-1]})"
+            body += f" ({self.switches / self.invoices:.0f} switches per {unit})"
         body += f", {cpu}" if cpu else ""
         verdict = "verified" if self.verified else f"NOT VERIFIED: {self.problem}"
         return f"{head}{body} — {verdict}"

@@ -93,3 +93,57 @@ def test_the_version_has_one_source() -> None:
         re.MULTILINE,
     )
     assert match is not None and match["version"] == __version__
+
+
+# How a command ends: ``cli._leave`` skips the interpreter's teardown (about 45 ms of an
+# idle run) once the work is done, but only then. A handler registered with atexit is
+# the probe: teardown runs it, ``os._exit`` does not.
+LEAVE_PROBE = """
+import atexit, sys, threading, time
+from erp_push.cli import main
+atexit.register(lambda: print("teardown ran", file=sys.stderr, flush=True))
+if "--with-thread" in sys.argv:
+    sys.argv.remove("--with-thread")
+    def late() -> None:
+        time.sleep(0.3)
+        print("thread finished", file=sys.stderr, flush=True)
+    threading.Thread(target=late).start()
+sys.argv[0] = "erp-push"
+main()
+"""
+
+
+def _leave_probe(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", LEAVE_PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_a_finished_command_exits_without_the_interpreter_teardown() -> None:
+    result = _leave_probe("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"erp-push {__version__}\n"  # flushed before leaving
+    assert "teardown ran" not in result.stderr
+
+
+def test_a_failed_command_keeps_its_exit_code_and_message(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.json"
+    result = _leave_probe("push", "--settings", str(missing))
+    assert result.returncode == 3  # bad settings
+    assert f"settings file not found: {missing}" in result.stderr
+    assert "teardown ran" not in result.stderr
+    usage = _leave_probe("push", "--no-such-option")
+    assert usage.returncode == 2
+    assert "No such option" in usage.stderr
+
+
+def test_a_thread_still_running_gets_the_ordinary_exit_which_waits_for_it() -> None:
+    result = _leave_probe("--with-thread", "--version")
+    assert result.returncode == 0
+    assert result.stdout == f"erp-push {__version__}\n"
+    # The interpreter waited for the thread, then ran its teardown.
+    assert result.stderr.splitlines() == ["thread finished", "teardown ran"]

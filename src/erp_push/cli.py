@@ -13,6 +13,7 @@ table, a progress bar, colour on a terminal). ``tests/test_startup.py`` holds th
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -864,4 +865,29 @@ def main() -> None:
         app(prog_name="erp-push")
     except Terminated:  # between two steps of the command line itself, outside _guarded
         _stopped("terminated")
-        sys.exit(TERMINATED)
+        _leave(TERMINATED)
+    except SystemExit as done:  # how click ends every command, success included
+        _leave(done.code)
+
+
+def _leave(code: str | int | None) -> NoReturn:
+    """Exit with ``code``, skipping the interpreter's teardown when nothing is left to do.
+
+    Freeing every loaded module one at a time costs about 45 ms: a sixth of a cron run
+    that finds nothing to claim (``make bench``, the idle run). By the time a command
+    returns its work is finished: the lanes are joined, the sessions and the journal
+    closed, every file written through ``with``. What is left is flushing the standard
+    streams and the log handlers, done here. A non-daemon thread still alive (none
+    should be), a stream that cannot be flushed (a closed pipe) or an exit code that is
+    not a number take the ordinary exit, which handles each as Python always has.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if not (code is None or isinstance(code, int)) or any(not t.daemon for t in others):
+        sys.exit(code)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(code)
+    os._exit(code or 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -9,9 +10,11 @@ from contextlib import ExitStack
 
 import pytest
 
-from erp_push.errors import SftpOperationError
+from erp_push.errors import ExitCode, SftpOperationError
 from erp_push.pipeline import PARALLEL_LOGINS, SessionPool
 from erp_push.transport import SftpSession
+from tests.helpers import MakeSettings, run_cli
+from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 
 
@@ -202,3 +205,51 @@ def test_workers_wait_for_a_login_in_progress_rather_than_open_more(
     assert len({id(s) for s in handed}) == workers
     assert len(logins) == expected_logins
     pool.close()
+
+
+# --- a first login the server drops (OpenSSH's MaxStartups) ------------------------------
+
+
+def _take_the_startup_slot(server: SftpServerInfo) -> socket.socket:
+    """A client that connects and never logs in: with ``MaxStartups 1`` it holds the one
+    unauthenticated slot until it hangs up. Tried until sshd has taken it (a connection
+    sshd is still counting from a moment ago is told "Exceeded MaxStartups" too)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        holder = socket.create_connection((server.host, server.port), timeout=5)
+        if holder.recv(64).startswith(b"SSH-"):
+            return holder
+        holder.close()
+        time.sleep(0.1)
+    raise AssertionError("sshd never took the holding connection")
+
+
+def test_a_first_login_dropped_by_maxstartups_is_tried_again(
+    openssh_one_startup: SftpServerInfo, sandbox: Sandbox, make_settings: MakeSettings
+) -> None:
+    """The run's first login arrives while another client holds the server's one
+    unauthenticated slot: sshd says "Exceeded MaxStartups" and hangs up. The slot is
+    free half a second later; the run tries again and delivers."""
+    [token] = sandbox.control.seed(1)
+    holder = _take_the_startup_slot(openssh_one_startup)
+    threading.Timer(0.5, holder.close).start()
+    result = run_cli("push", "--verbose", "--settings", str(make_settings(openssh_one_startup)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "closed the connection before its SSH banner; trying again" in result.stderr
+    assert {r["invoice_token"]: r["status"] for r in sandbox.control.invoices()} == {token: 100}
+
+
+def test_a_server_that_keeps_dropping_the_first_login_ends_the_run_after_three_tries(
+    openssh_one_startup: SftpServerInfo, sandbox: Sandbox, make_settings: MakeSettings
+) -> None:
+    [token] = sandbox.control.seed(1)
+    holder = _take_the_startup_slot(openssh_one_startup)
+    try:
+        result = run_cli("push", "--verbose", "--settings", str(make_settings(openssh_one_startup)))
+    finally:
+        holder.close()
+    assert result.returncode == int(ExitCode.SFTP), result.stderr[-2000:]
+    assert result.stderr.count("trying again in") == 2
+    assert "closed the connection before its SSH banner" in result.stderr
+    assert "MaxStartups" in result.stderr  # the hint
+    assert {r["invoice_token"]: r["status"] for r in sandbox.control.invoices()} != {token: 100}

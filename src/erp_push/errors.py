@@ -250,6 +250,20 @@ class SftpUnreachable(SftpError):
     hint = "Check sftp_host/sftp_port and that the server is up; invoices stay queued."
 
 
+class SftpDropped(SftpUnreachable):
+    """The server took the connection and closed it before its SSH banner.
+
+    OpenSSH does this to connections beyond MaxStartups (10 unauthenticated at once by
+    default, then at random), which several runs or clients logging in together reach:
+    a moment later the same login goes through.
+    """
+
+    hint = (
+        "Too many logins at once? OpenSSH drops them beyond MaxStartups; invoices stay "
+        "queued for the next run."
+    )
+
+
 class HostKeyError(SftpError):
     """The server's host key is unknown or differs from the pinned one. Never auto-accepted."""
 

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import queue
+import random
 import signal
 import threading
 import time
@@ -49,6 +50,7 @@ from erp_push.errors import (
     NuntiqError,
     NuntiqProtocolError,
     RenderError,
+    SftpDropped,
     SftpError,
     SftpOperationError,
     SftpUnreachable,
@@ -164,8 +166,9 @@ def checkpoint(step: str) -> None:
 # New SFTP logins opened at once by one run. Each costs several round trips (about 0.2 s
 # at a 10 ms delay each way), so 64 lanes on 10-channel logins ramp up in three rounds,
 # not six. Not more: OpenSSH drops unauthenticated connections at random beyond 10
-# (MaxStartups 10:30:100), and a run's first login dropped would end it, so four runs
-# starting together must stay under that (3 at once measured 8% faster at 10 ms).
+# (MaxStartups 10:30:100). A dropped login is tried again (the first one too, see
+# _first_login), but each drop costs a pause, so four runs starting together should
+# stay under that (3 at once measured 8% faster at 10 ms once, no faster another day).
 PARALLEL_LOGINS = 2
 
 
@@ -365,7 +368,7 @@ class SessionPool:
 
     def _login(self, *, have_others: bool) -> SftpSession | None:
         if not have_others:
-            return self._connect()  # the first login: its failure is the run's
+            return self._first_login()
         for attempt in (1, 2):
             try:
                 return self._connect()
@@ -377,6 +380,21 @@ class SessionPool:
             self._capped = True
         log.info("the SFTP server takes no more logins; sharing the sessions already open")
         return None
+
+    def _first_login(self) -> SftpSession:
+        """The run's first login: its failure is the run's, except a connection the server
+        dropped before its banner (OpenSSH beyond MaxStartups, several runs or clients
+        logging in at once), which is tried again after a short, jittered pause."""
+        for attempt in (1, 2, 3):
+            try:
+                return self._connect()
+            except SftpDropped as exc:
+                if attempt == 3:
+                    raise
+                pause = self._login_retry_delay * attempt * random.uniform(0.5, 1.5)
+                log.info("%s; trying again in %.1f s (attempt %d of 3)", exc, pause, attempt)
+                time.sleep(pause)
+        raise AssertionError("unreachable: the third attempt returns or raises")
 
     def _discard(self, session: SftpSession) -> None:
         with self._lock:

@@ -75,6 +75,7 @@ from erp_push.errors import (
     HostKeyUnknown,
     RemoteFileMissing,
     SftpAuthError,
+    SftpDropped,
     SftpFolderError,
     SftpOperationError,
     SftpUnreachable,
@@ -155,6 +156,17 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _dropped_before_banner(exc: BaseException) -> bool:
+    """Did the server end the connection before saying who it is (OpenSSH beyond its
+    MaxStartups: "Exceeded MaxStartups", then close)? Not a server that is merely slow
+    to answer: paramiko words both alike, the cause tells them apart."""
+    return (
+        isinstance(exc, paramiko.SSHException)
+        and str(exc).startswith("Error reading SSH protocol banner")
+        and isinstance(exc.__context__, EOFError | ConnectionResetError | BrokenPipeError)
+    )
 
 
 # --- paramiko's SFTP client, with the two things it throws away ------------------------
@@ -795,6 +807,11 @@ class SftpSession:
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
             ssh.close()
+            if _dropped_before_banner(exc):
+                raise SftpDropped(
+                    f"cannot reach sftp {options.address}: the server closed the connection "
+                    "before its SSH banner"
+                ) from None
             raise SftpUnreachable(
                 shorten(f"cannot reach sftp {options.address}: {_reason(exc)}", _MESSAGE_LIMIT)
             ) from None

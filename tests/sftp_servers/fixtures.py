@@ -313,9 +313,23 @@ def openssh_sftp() -> Iterator[SftpServerInfo]:
         yield info
 
 
+@pytest.fixture
+def openssh_one_startup() -> Iterator[SftpServerInfo]:
+    """A throwaway sshd that takes one unauthenticated connection at a time
+    (``MaxStartups 1``): the next one is told "Exceeded MaxStartups" and closed, as
+    OpenSSH's default (10:30:100) does at random to bursts beyond ten."""
+    if not SSHD.exists():
+        _server_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
+    if os.geteuid() != 0:
+        _server_unavailable("the sshd fixture needs root (useradd, chroot)")
+    with run_openssh(global_options="MaxStartups 1\n") as info:
+        yield info
+
+
 @contextlib.contextmanager
-def run_openssh() -> Iterator[SftpServerInfo]:
+def run_openssh(global_options: str = "") -> Iterator[SftpServerInfo]:
     """Start a throwaway sshd (also used by the benchmark); needs root and /usr/sbin/sshd.
+    ``global_options`` go first in its sshd_config (before any Match block).
 
     Needs root (a real user for password login, a root-owned chroot). Each session gets
     a unique user name and password, so parallel sessions on one machine do not collide.
@@ -362,7 +376,7 @@ def run_openssh() -> Iterator[SftpServerInfo]:
         (keys_dir / user).chmod(0o644)
         port = free_port()
         config = base / "sshd_config"
-        config.write_text(_sshd_config(base, chroot, port, user))
+        config.write_text(global_options + _sshd_config(base, chroot, port, user))
         proc = subprocess.Popen(
             [str(SSHD), "-D", "-e", "-f", str(config)],
             stdout=subprocess.DEVNULL,

@@ -51,10 +51,15 @@ def cli(
     *args: str, kill_at: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """``python -m erp_push ...`` in a child process, optionally killed at a step."""
+    return run_cli(*args, env=child_env(kill_at), timeout=timeout)
+
+
+def child_env(kill_at: str | None = None) -> dict[str, str]:
+    """This environment for a child run, with the crash point it is given or none."""
     env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
     if kill_at is not None:
         env["_ERP_PUSH_KILL_AT"] = kill_at
-    return run_cli(*args, env=env, timeout=timeout)
+    return env
 
 
 def push_cli(path: Path, *, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -370,14 +375,14 @@ class _Erp(threading.Thread):
         move_outbox_to_sent(self.server)
 
 
-def _push_process(path: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
+def _push_process(path: Path, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``push --drain --json`` in a child of its own (no crash point inherited)."""
     return subprocess.Popen(
         [sys.executable, "-m", "erp_push", "push", "--settings", str(path), "--drain", "--json"],
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=child_env(),
         stdin=subprocess.DEVNULL,
     )
 
@@ -482,18 +487,7 @@ def test_concurrent_runs_deliver_each_invoice_once(
         )
         for i in range(4)
     ]
-    env = {k: v for k, v in os.environ.items() if k != "_ERP_PUSH_KILL_AT"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "erp_push", "push", "--settings", str(s), "--drain", "--json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        for s in settings
-    ]
+    procs = [_push_process(s, stdout=subprocess.PIPE) for s in settings]
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=180)

@@ -7,11 +7,14 @@ scan for the version, rich only when something is drawn.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from erp_push import __version__
 from tests.helpers import MakeSettings
@@ -19,9 +22,16 @@ from tests.sandbox.fixtures import Sandbox
 from tests.sftp_servers.fixtures import SftpServerInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-# What an idle run must never load: the SSH stack and the module that drives it, and the
-# rich console (an idle run prints one plain line).
-NEVER_WHEN_IDLE = ("paramiko", "cryptography", "erp_push.transport", "rich.console")
+# What an idle run must never load: the SSH stack and the module that drives it, the
+# rich console (an idle run prints one plain line), and importlib.metadata (pydantic's
+# plugin loader imports it; erp_push/__init__.py stands in for that loader).
+NEVER_WHEN_IDLE = (
+    "paramiko",
+    "cryptography",
+    "erp_push.transport",
+    "rich.console",
+    "importlib.metadata",
+)
 
 
 def imported_modules(stderr: str) -> set[str]:
@@ -77,6 +87,68 @@ def test_importing_the_cli_loads_no_metadata_ssh_or_rich() -> None:
     assert "erp_push.cli" in loaded
     for name in ("importlib.metadata", "paramiko", "erp_push.transport", "rich", "httpx"):
         assert name not in loaded, f"import erp_push.cli imported {name}"
+
+
+# A pydantic plugin, installed as pydantic finds them (an entry point in the group
+# "pydantic"): it announces every schema it sees on stderr.
+PLUGIN_MODULE = """
+import sys
+
+class Announce:
+    def new_schema_validator(self, schema, schema_type, schema_type_path, *rest):
+        print("plugin saw", schema_type_path.name, file=sys.stderr)
+        return None, None, None
+
+plugin = Announce()
+"""
+PLUGIN_ENTRY_POINTS = "[pydantic]\nannounce = announce_plugin:plugin\n"
+BUILD_A_MODEL = """
+import sys
+import erp_push
+from pydantic import BaseModel
+
+class Probe(BaseModel):
+    x: int
+
+Probe(x=1)
+print("metadata:", "importlib.metadata" in sys.modules)
+"""
+
+
+def _with_plugin_installed(tmp_path: Path, plugins: str | None) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "announce_plugin.py").write_text(PLUGIN_MODULE)
+    dist = tmp_path / "announce_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: announce-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT / "src"), str(ROOT)])
+    if plugins is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = plugins
+    return subprocess.run(
+        [sys.executable, "-c", BUILD_A_MODEL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=True,
+    )
+
+
+def test_by_default_pydantic_plugins_are_not_looked_for(tmp_path: Path) -> None:
+    """No plugin runs and importlib.metadata stays unloaded, though one is installed."""
+    result = _with_plugin_installed(tmp_path, None)
+    assert "plugin saw" not in result.stderr
+    assert "metadata: False" in result.stdout
+
+
+@pytest.mark.parametrize("setting", ["", "some_other_plugin"])
+def test_an_operator_can_still_enable_pydantic_plugins(tmp_path: Path, setting: str) -> None:
+    """PYDANTIC_DISABLE_PLUGINS set to anything but its off values: pydantic's own loader
+    runs, finds the installed plugin, and the plugin sees our models being built."""
+    result = _with_plugin_installed(tmp_path, setting)
+    assert "plugin saw Probe" in result.stderr
+    assert "metadata: True" in result.stdout
 
 
 def test_the_version_has_one_source() -> None:

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -333,8 +334,6 @@ def test_runs_started_together_on_a_new_state_dir_all_open_the_journal(
     """Cron and an operator (or four concurrent runs) starting at the same moment on a
     state_dir that has no journal yet: each opens it; none reports it unusable. (SQLite
     refuses the switch of a fresh file to WAL at once while another process holds it.)"""
-    import time
-
     answers: list[str] = []
     for round_ in range(8):
         state = tmp_path / f"state{round_}"

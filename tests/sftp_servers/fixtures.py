@@ -302,13 +302,18 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
     raise RuntimeError(f"sshd did not listen on port {port} within {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def openssh_sftp() -> Iterator[SftpServerInfo]:
-    """A throwaway sshd on a free loopback port, chrooted, with its own local user."""
+def _need_sshd() -> None:
+    """Skip (or, under CI, fail) a test when sshd cannot be run here."""
     if not SSHD.exists():
         _server_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
     if os.geteuid() != 0:
         _server_unavailable("the sshd fixture needs root (useradd, chroot)")
+
+
+@pytest.fixture(scope="session")
+def openssh_sftp() -> Iterator[SftpServerInfo]:
+    """A throwaway sshd on a free loopback port, chrooted, with its own local user."""
+    _need_sshd()
     with run_openssh() as info:
         yield info
 
@@ -318,10 +323,7 @@ def openssh_one_startup() -> Iterator[SftpServerInfo]:
     """A throwaway sshd that takes one unauthenticated connection at a time
     (``MaxStartups 1``): the next one is told "Exceeded MaxStartups" and closed, as
     OpenSSH's default (10:30:100) does at random to bursts beyond ten."""
-    if not SSHD.exists():
-        _server_unavailable(f"{SSHD} is not installed (apt-get install openssh-server)")
-    if os.geteuid() != 0:
-        _server_unavailable("the sshd fixture needs root (useradd, chroot)")
+    _need_sshd()
     with run_openssh(global_options="MaxStartups 1\n") as info:
         yield info
 

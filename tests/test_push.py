@@ -7,6 +7,7 @@ clobbering, G5 fast when idle, G6 clear failure, G7 no secret leaks).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -411,6 +412,76 @@ def test_parallel_workers_share_one_ssh_login(
     assert report.count(Result.DELIVERED) == 12
     assert len(logins) == 1
     assert len(openssh_sftp.files()) == 12
+
+
+def _push_counting_logins(
+    settings_path: Path, caplog: pytest.LogCaptureFixture
+) -> tuple[Any, int, list[int]]:
+    """A drain with the real SFTP connector, counting its logins and the lanes it chose."""
+    from erp_push.transport import SftpSession
+
+    settings = load_settings(settings_path, needs=PUSH_NEEDS)
+    logins: list[SftpSession] = []
+    real_connect = commands.sftp_connector(settings)
+
+    def counting_connect() -> SftpSession:
+        logins.append(real_connect())
+        return logins[-1]
+
+    with caplog.at_level(logging.INFO, logger="erp_push.events"):
+        report = commands.push(settings, drain=True, connect_sftp=counting_connect)
+    chosen = [
+        r.fields["lanes"]  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "event", None) == "lanes_chosen"
+    ]
+    return report, len(logins), chosen
+
+
+def test_concurrency_auto_uses_few_lanes_on_a_fast_link_and_all_on_a_slow_one(
+    sandbox: Sandbox,
+    openssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """concurrency auto (the default): the probe invoice goes alone and its time says how
+    many lanes the round trips need (Little's law). On loopback that is a few: one SSH
+    login serves them all. When each invoice waits 300 ms on Nuntiq, all 64: beyond one
+    login's 10 channels, more logins."""
+    openssh_sftp.clear()
+    path = make_settings(openssh_sftp, config={"sftp_max_channels": 10})
+    sandbox.control.seed(60)
+    report, logins, chosen = _push_counting_logins(path, caplog)
+    assert report.count(Result.DELIVERED) == 60
+    (fast,) = chosen
+    assert 8 <= fast < 64
+    assert logins == -(-fast // 10)  # as many logins as the chosen lanes need, no more
+
+    caplog.clear()
+    sandbox.control.seed(100)
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 300}])
+    report, logins, chosen = _push_counting_logins(path, caplog)
+    assert report.count(Result.DELIVERED) == 100
+    assert chosen == [64]
+    assert logins > 1
+    assert len(openssh_sftp.files()) == 160
+
+
+def test_a_set_concurrency_is_used_as_it_is(
+    sandbox: Sandbox,
+    openssh_sftp: SftpServerInfo,
+    make_settings: MakeSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator who sets concurrency gets that many lanes, whatever the probe took."""
+    openssh_sftp.clear()
+    sandbox.control.seed(40)
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 300}])
+    path = make_settings(openssh_sftp, config={"concurrency": 3, "sftp_max_channels": 2})
+    report, logins, chosen = _push_counting_logins(path, caplog)
+    assert report.count(Result.DELIVERED) == 40
+    assert chosen == []
+    assert logins == 2  # three lanes on two-channel logins
 
 
 def test_an_invoice_that_does_not_fit_the_contract_fails_alone_instead_of_waiting(

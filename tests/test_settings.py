@@ -90,7 +90,8 @@ def test_seed_layout_loads_with_defaults(tmp_path: Path) -> None:
         "/inbound/invoices/sent",
         20,
     )
-    assert (c.lease_ttl_seconds, c.concurrency, c.publish_mode) == (600, 64, "rename")
+    assert (c.lease_ttl_seconds, c.concurrency, c.publish_mode) == (600, "auto", "rename")
+    assert c.most_in_flight == 64
     assert (c.field_invoice_number, c.field_total, c.vendor_address_type) == (
         "invoiceNumber",
         "grossAmount",
@@ -254,6 +255,43 @@ def test_bad_env_value_names_the_variable(tmp_path: Path, monkeypatch: pytest.Mo
     ]
 
 
+@pytest.mark.parametrize(
+    ("in_file", "in_env", "expected"),
+    [
+        (None, None, "auto"),
+        (16, None, 16),
+        ("AUTO", None, "auto"),
+        (None, "8", 8),
+        (64, "auto", "auto"),
+    ],
+)
+def test_concurrency_is_auto_or_a_count(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_file: object,
+    in_env: str | None,
+    expected: object,
+) -> None:
+    data = json.loads(json.dumps(SEED))
+    if in_file is not None:
+        data["config"]["concurrency"] = in_file
+    if in_env is not None:
+        monkeypatch.setenv("ERP_PUSH_CONCURRENCY", in_env)
+    config = load_settings(write(tmp_path, data), needs=set()).config
+    assert config.concurrency == expected
+    assert config.most_in_flight == (64 if expected == "auto" else expected)
+
+
+@pytest.mark.parametrize("bad", [0, 65, True, 2.5, "sixteen", "-3", None])
+def test_a_bad_concurrency_is_named_in_one_line(tmp_path: Path, bad: object) -> None:
+    data = json.loads(json.dumps(SEED))
+    data["config"]["concurrency"] = bad
+    assert problems_of(write(tmp_path, data), set()) == [
+        "config.concurrency (env ERP_PUSH_CONCURRENCY): must be auto or a whole number "
+        f"from 1 to 64, got {bad!r}"
+    ]
+
+
 def test_env_var_names_are_flat_and_unique() -> None:
     names = [row.env_var for row in SETTINGS_REFERENCE]
 
@@ -295,7 +333,8 @@ def test_every_problem_is_reported_together(tmp_path: Path) -> None:
         "config.batch_size (env ERP_PUSH_BATCH_SIZE): must be between 1 and 50, got 0",
         "config.lease_ttl_seconds (env ERP_PUSH_LEASE_TTL_SECONDS): must be between 60 and "
         "1800, got 5000",
-        "config.concurrency (env ERP_PUSH_CONCURRENCY): must be a whole number, got 'many'",
+        "config.concurrency (env ERP_PUSH_CONCURRENCY): must be auto or a whole number from 1 "
+        "to 64, got 'many'",
         "config.sftp_port (env ERP_PUSH_SFTP_PORT): must be between 1 and 65535, got 70000",
         "config.sftp_host_key_sha256 (env ERP_PUSH_SFTP_HOST_KEY_SHA256): must look like "
         "SHA256:<base64> (as printed by ssh-keygen -lf), got 'MD5:aa:bb'",
@@ -725,6 +764,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         batch_size=7,
         lease_ttl_seconds=120,
         concurrency=3,
+        choose_lanes=False,
         max_channels=2,
         drain=True,
         max_invoices=40,

@@ -122,6 +122,11 @@ def _default_state_dir() -> Path:
 _STATE_DIR_DEFAULT_TEXT = "$XDG_STATE_HOME/erp-push or ~/.local/state/erp-push"
 
 
+# The most invoices in flight in one run (``concurrency``): past this, lanes only take
+# turns for the one core a Python process gets (README, Speed).
+MAX_CONCURRENCY = 64
+
+
 class Config(BaseModel):
     """Everything that is not a secret. Field order is the order of the reference table."""
 
@@ -162,12 +167,12 @@ class Config(BaseModel):
     lease_ttl_seconds: int = Field(
         default=600, ge=60, le=1800, description="How long a claim holds an invoice."
     )
-    concurrency: int = Field(
-        default=64,
-        ge=1,
-        le=64,
+    concurrency: int | Literal["auto"] = Field(
+        default="auto",
         description="Invoices in flight at once (each its own SFTP channel; "
-        "sftp_max_channels per SSH login, more logins beyond that).",
+        "sftp_max_channels per SSH login, more logins beyond that): a number from 1 to "
+        f"{MAX_CONCURRENCY}, or auto: as many as the first invoice's round trips show are "
+        f"needed, {MAX_CONCURRENCY} at most.",
     )
     max_run_seconds: float = Field(
         default=1200.0,
@@ -320,6 +325,28 @@ class Config(BaseModel):
             return None
         return _check_base_url(value)
 
+    @field_validator("concurrency", mode="before")
+    @classmethod
+    def _auto_or_a_count(cls, value: Any) -> Any:
+        # One clear message for both shapes, instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        count = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            count = value
+        elif isinstance(value, str) and value.strip().isdigit():
+            count = int(value)
+        if count is None or not 1 <= count <= MAX_CONCURRENCY:
+            raise ValueError(
+                f"must be auto or a whole number from 1 to {MAX_CONCURRENCY}, got {_show(value)}"
+            )
+        return count
+
+    @property
+    def most_in_flight(self) -> int:
+        """The most invoices in flight at once: concurrency, or its ceiling for auto."""
+        return MAX_CONCURRENCY if self.concurrency == "auto" else self.concurrency
+
     @field_validator("sftp_host_key_sha256")
     @classmethod
     def _fingerprint_format(cls, value: str | None) -> str | None:
@@ -427,7 +454,7 @@ class Settings(BaseSettings):
             timeout=c.nuntiq_timeout_seconds,
             max_reply_bytes=c.max_invoice_bytes,
             # one keep-alive connection per lane: no lane waits for another's socket
-            max_connections=c.concurrency,
+            max_connections=c.most_in_flight,
         )
 
     def sftp_options(self) -> SftpOptions:
@@ -471,7 +498,8 @@ class Settings(BaseSettings):
             field_keys=c.field_keys(),
             batch_size=c.batch_size,
             lease_ttl_seconds=c.lease_ttl_seconds,
-            concurrency=c.concurrency,
+            concurrency=c.most_in_flight,
+            choose_lanes=c.concurrency == "auto",
             max_channels=c.sftp_max_channels,
             drain=drain,
             max_invoices=max_invoices,

@@ -702,6 +702,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         batch_size=7,
         lease_ttl_seconds=120,
         concurrency=3,
+        processes=5,
         max_run_seconds=99,
         sftp_port=2222,
         sftp_private_key_path="id_ed25519",
@@ -772,6 +773,7 @@ def test_the_core_objects_carry_every_setting(tmp_path: Path) -> None:
         publish_mode="direct",
         render_rules=rules,
         output_mode="batch",
+        processes=5,
     )
 
 

@@ -134,6 +134,7 @@ class _State:
     configured_log_format = "text"
     metrics_file: Path | None = None  # from the command line
     settings_used: Path | None = None  # the command's, else the global --settings
+    helper = False  # this process is a drain's helper (push --helper): the first one speaks
 
 
 def _version(value: bool) -> None:
@@ -317,8 +318,10 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    # A second SIGTERM while the run winds down ends the process at once.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A second SIGTERM while the run winds down ends the process at once; a helper gets
+    # one from the first process and maybe one more from `systemctl stop` (the whole
+    # group): it winds down all the same.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if _State.helper else signal.SIG_DFL)
     raise Terminated
 
 
@@ -352,6 +355,8 @@ def _guarded(call: Callable[[], T]) -> T:
 
 
 def _stopped(how: str) -> None:
+    if _State.helper:
+        return  # the first process says it, once
     what = "unfinished invoices are in the journal; the next run finishes them"
     if _json_logs():
         code = INTERRUPTED if how == "interrupted" else TERMINATED
@@ -415,6 +420,11 @@ def push(
     debug: DebugOption = False,
     log_format: LogFormatOption = None,
     quiet: QuietOption = False,
+    helper: Annotated[
+        bool,
+        # Started by a drain's first process (see processes.py); not for people.
+        typer.Option("--helper", hidden=True),
+    ] = False,
 ) -> None:
     """Claim pending invoices, publish one file each on the SFTP server, report back.
 
@@ -423,6 +433,8 @@ def push(
     from erp_push import commands
     from erp_push.settings import Need
 
+    if helper:
+        _help_a_drain(settings, max_invoices, verbose, debug, log_format, quiet)
     with _run_metrics(metrics_file) as run:
         cfg = _begin(
             settings,
@@ -452,10 +464,56 @@ def push(
                     max_invoices=max_invoices,
                     on_claimed=on_claimed,
                     on_outcome=on_outcome,
+                    helper_command=_helper_command(),
                 )
             )
         run.take(report)
         _show_and_exit(report, as_json=as_json)
+
+
+def _helper_command() -> list[str]:
+    """How a drain starts a helper process: this command, with the same settings file
+    and logging options (the environment and working folder are inherited)."""
+    command = [sys.executable, "-m", "erp_push", "push", "--drain", "--helper"]
+    if _State.settings_used is not None:
+        command += ["--settings", str(_State.settings_used)]
+    if _State.log_format is not None:
+        command += ["--log-format", _State.log_format.value]
+    command += ["--verbose"] * _State.verbose + ["--debug"] * _State.debug
+    return command + ["--quiet"] * _State.quiet
+
+
+def _help_a_drain(
+    settings: Path | None,
+    max_invoices: int | None,
+    verbose: bool,
+    debug: bool,
+    log_format: LogFormat | None,
+    quiet: bool,
+) -> NoReturn:
+    """``push --drain --helper``: one of a drain's helper processes (``processes``).
+
+    Its stdout is the first process's pipe (JSON lines, nothing for people); its log lines
+    share the first process's stderr; the run's report, status, metrics and delta-stream
+    entry are the first process's. Ctrl-C and SIGTERM come from the first process, once.
+    """
+    from erp_push import commands
+    from erp_push.processes import HelperLink
+    from erp_push.settings import Need
+
+    _State.helper = True
+    cfg = _begin(
+        settings,
+        {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR},
+        verbose=verbose,
+        debug=debug,
+        log_format=log_format,
+        quiet=quiet,
+    )
+    report = _guarded(
+        lambda: commands.push(cfg, drain=True, max_invoices=max_invoices, link=HelperLink())
+    )
+    raise typer.Exit(int(report.exit_code))
 
 
 @contextmanager

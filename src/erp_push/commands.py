@@ -33,6 +33,7 @@ from erp_push.settings import Settings
 if TYPE_CHECKING:
     from erp_push.doctor import DoctorReport
     from erp_push.models import Attachment
+    from erp_push.processes import HelperLink
 
     # The SSH library is imported on first connect: a run with nothing to upload never
     # pays for it (see sftp_connector).
@@ -80,8 +81,15 @@ def push(
     connect_sftp: Callable[[], SftpSession] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     on_claimed: Callable[[int], None] | None = None,
+    helper_command: list[str] | None = None,
+    link: HelperLink | None = None,
 ) -> RunReport:
-    """One push run: recover what earlier runs left, then claim and deliver."""
+    """One push run: recover what earlier runs left, then claim and deliver.
+
+    A drain may share its work with helper processes (``processes``): the command line
+    passes ``helper_command``, how to start one. A helper itself runs with ``link``, its
+    pipes to the first process, which keeps the run's record.
+    """
     cfg = settings.config
     logs.event(
         "run_started",
@@ -102,7 +110,9 @@ def push(
         # The run is recorded for `erp-push status` under its lock, so a recorded run
         # without an end is either still going (its lock is held) or was killed.
         journal.start_run()
-        status.record_run_started(journal, "push")
+        record = link is None  # a helper's work is recorded by the first process
+        if record:
+            status.record_run_started(journal, "push")
         pusher = Pusher(
             nuntiq=client,
             connect_sftp=connect_sftp or sftp_connector(settings),
@@ -110,13 +120,19 @@ def push(
             plan=settings.push_plan(drain=drain, max_invoices=max_invoices),
             on_outcome=on_outcome,
             on_claimed=on_claimed,
+            helper_command=helper_command,
+            link=link,
         )
         try:
             report = pusher.run()
         except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: still how the run ended
-            status.record_run_finished(journal, pusher.report, exc)
+            if record:
+                status.record_run_finished(journal, pusher.report, exc)
             raise
-        status.record_run_finished(journal, report)
+        if link is None:
+            status.record_run_finished(journal, report)
+        else:
+            link.finished(report)
         return report
     finally:
         journal.close()

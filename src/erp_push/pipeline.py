@@ -66,6 +66,7 @@ from erp_push.report import Outcome, Result, RunReport, integration_result_for, 
 if TYPE_CHECKING:  # the SSH library is loaded only when there is something to upload
     from erp_push.attachments import AttachmentOptions
     from erp_push.batch import BatchWorker
+    from erp_push.processes import HelperLink, Helpers
     from erp_push.publish import Checkpoint, Delivery, ServerTraits
     from erp_push.transport import SftpSession
 
@@ -127,6 +128,7 @@ class PushPlan:
     publish_mode: Literal["rename", "direct"]
     render_rules: RenderRules
     output_mode: Literal["per_invoice", "batch"]
+    processes: int  # a drain's processes in all: more than 1 starts helpers (processes.py)
     attachments: AttachmentOptions | None = None  # None: no attachments are pushed
 
 
@@ -749,8 +751,18 @@ class Pusher:
         on_outcome: Callable[[Outcome], None] | None = None,
         on_claimed: Callable[[int], None] | None = None,
         on_checkpoint: Checkpoint | None = None,
+        helper_command: list[str] | None = None,
+        link: HelperLink | None = None,
     ) -> None:
         self.nuntiq = nuntiq
+        # A drain shared by processes (processes.py): the first process starts helpers
+        # with helper_command; a helper talks to the first process through its link.
+        self.helper_command = helper_command
+        self.link = link
+        self._helpers: Helpers | None = None
+        self._told_to_stop = threading.Event()  # a helper: the first process stopped
+        self._report_lock = threading.Lock()  # helpers' lines arrive on other threads
+        self._claimed_here = 0  # by this process (report.claimed counts its helpers too)
         self.journal = journal
         self.plan = plan
         self.sessions = SessionPool(connect_sftp, max_channels=plan.max_channels)
@@ -792,20 +804,31 @@ class Pusher:
 
     def run(self) -> RunReport:
         self.journal.start_run()
-        self._delta_begin()
+        self._delta_started = False
+        if self.link is None:  # a helper leaves the run's bookkeeping to the first process
+            self._delta_begin()
         try:
             with ThreadPoolExecutor(max_workers=self.plan.concurrency) as pool:
                 self._pool = pool
                 try:
-                    self._recover()
+                    if self.link is None:
+                        self._recover()
                     if self._stop is None:
                         self._claim_and_deliver()
+                    if self._helpers is not None:
+                        self._helpers.finish_into(self.report)
                 except BaseException as exc:
                     # Ctrl-C, SIGTERM, a bug: invoices not started stay as they are (the
                     # journal and their leases bring them back); those in flight finish
-                    # the step they are in, and publish nothing new.
+                    # the step they are in, and publish nothing new. Helpers do the same.
                     self.health.halt(f"the run was stopped ({type(exc).__name__})")
+                    if self._helpers is not None:
+                        from erp_push.processes import signal_for
+
+                        self._helpers.forward(signal_for(exc))
                     pool.shutdown(wait=True, cancel_futures=True)
+                    if self._helpers is not None:
+                        self._helpers.finish_into(self.report)
                     raise
             self._record_recovery_pending()
         except BaseException as exc:
@@ -921,12 +944,32 @@ class Pusher:
         budget = self.plan.max_invoices if self.plan.drain else self.plan.batch_size
         if self.plan.max_invoices is not None:
             budget = min(budget or self.plan.max_invoices, self.plan.max_invoices)
-        # A probe of one: idle runs stay fast and never log in to SFTP, and an
-        # unreachable SFTP server strands at most this one lease.
-        leases = self._claim(1)
-        if not leases or not self._warm_up_sftp(leases):
-            return
-        if self.batches is not None and budget != 1:
+        if self.link is not None:
+            # A helper: the first process's probe went through, so it claims full batches
+            # at once, once its own login works and the first process says go (with the
+            # lanes its probe chose). The first process may also no longer need it.
+            if not self._warm_up_sftp([]):
+                return
+            lanes = self.link.wait_for_go(self._told_to_stop.set)
+            if lanes is None:
+                return
+            self.lanes = lanes if self.plan.choose_lanes else self.lanes
+            probe: int | None = None
+            leases = self._claim(
+                self.plan.batch_size if budget is None else min(self.plan.batch_size, budget)
+            )
+        else:
+            # A probe of one: idle runs stay fast and never log in to SFTP, and an
+            # unreachable SFTP server strands at most this one lease. Helpers start
+            # meanwhile, and claim once it went through.
+            probe = 1
+            leases = self._claim(1)
+            if not leases:
+                return
+            budget = self._start_helpers(budget)
+            if not self._warm_up_sftp(leases):
+                return
+        if self.batches is not None and probe is not None and budget != 1:
             # One file per claimed batch: the probe's batch is filled up to batch_size.
             more = (
                 self.plan.batch_size - 1
@@ -958,12 +1001,15 @@ class Pusher:
                 number, deliver = waiting.popleft()
                 in_flight[self._pool.submit(deliver)] = number
             stop_reason = self._why_stop_claiming(queue_empty, budget)
+            own_share_spent = budget is not None and self._claimed_here >= budget
+            if stop_reason is not None and self._helpers is not None and not own_share_spent:
+                self._helpers.stop_claiming()  # they stop too: empty, out of time, refused
             # The probe is finished before more is claimed: a server that refuses every
             # write, or a Nuntiq that refuses every result, then costs one invoice.
-            probing = 1 in open_batches
+            probing = probe in open_batches
             in_flight_invoices = sum(open_batches.values())
             if stop_reason is None and not probing and in_flight_invoices < self.lanes:
-                left = None if budget is None else budget - self.report.claimed
+                left = None if budget is None else budget - self._claimed_here
                 limit = self.plan.batch_size if left is None else min(self.plan.batch_size, left)
                 leases = self._claim(limit)
                 queue_empty = not leases
@@ -981,10 +1027,12 @@ class Pusher:
                     batches[number].append(outcome)
                     open_batches[number] -= 1
                 if open_batches[number] == 0:
-                    if number == 1 and self.plan.choose_lanes:
+                    if number == probe and self.plan.choose_lanes:
                         self._choose_lanes(time.monotonic() - probe_started)
                     self._batch_finished(batches.pop(number))
                     del open_batches[number]
+                    if number == probe and self._helpers is not None:
+                        self._let_helpers_claim(queue_empty)
 
     def _choose_lanes(self, probe_seconds: float) -> None:
         """Set how many invoices are worked on at once, from the probe's wall time.
@@ -1014,9 +1062,9 @@ class Pusher:
             # The server refuses writes (full disk, permissions, no rename): the invoices
             # it refused failed, each with its code; more would only fail the same way.
             return f"stopped claiming: {self.health.refusing}"
-        if queue_empty or self._drain_stuck:
+        if queue_empty or self._drain_stuck or self._told_to_stop.is_set():
             return ""
-        if budget is not None and self.report.claimed >= budget:
+        if budget is not None and self._claimed_here >= budget:
             return ""
         if time.monotonic() >= self._deadline:
             return (
@@ -1050,9 +1098,60 @@ class Pusher:
         # clock skew cannot make us upload on a lease that has already lapsed.
         deadline = asked_at + timedelta(seconds=ttl)
         leases = [lease.model_copy(update={"lease_expires_at": deadline}) for lease in leases]
-        self.report.claimed += len(leases)
-        self.on_claimed(len(leases))
+        self._claimed_here += len(leases)
+        with self._report_lock:
+            self.report.claimed += len(leases)
+            self.on_claimed(len(leases))
+        if self.link is not None and leases:
+            self.link.claimed(leases)
         return leases
+
+    def _start_helpers(self, budget: int | None) -> int | None:
+        """Start the drain's helper processes (``processes``); return this one's budget.
+
+        Only a drain, with something to claim, started from the command line (which
+        knows how to start one: helper_command); with --max-invoices each process gets
+        its share, and a budget too small to share keeps the drain in this process.
+        """
+        extra = self.plan.processes - 1
+        if self.helper_command is None or extra < 1 or not self.plan.drain:
+            return budget
+        share = None if budget is None else budget // self.plan.processes
+        if share is not None and share < self.plan.batch_size:
+            return budget
+        from erp_push.processes import Helpers
+
+        try:
+            self._helpers = Helpers(
+                self.helper_command,
+                extra,
+                max_invoices=share,
+                seconds_left=self._deadline - time.monotonic(),
+                on_claimed=self._claimed_by_helper,
+                on_outcome=self._record_from_helper,
+            )
+        except OSError as exc:  # cannot start a process: the drain goes on in this one
+            log.warning("could not start helper processes, draining alone: %s", exc)
+            return budget
+        return None if budget is None or share is None else budget - extra * share
+
+    def _let_helpers_claim(self, queue_empty: bool) -> None:
+        """The probe is finished: helpers claim now, with the lanes it chose, unless the
+        run stops claiming (a refusing server has then cost one invoice, not one each)."""
+        assert self._helpers is not None
+        if self._why_stop_claiming(queue_empty, budget=None) is None:
+            self._helpers.go(self.lanes)
+
+    def _claimed_by_helper(self, count: int) -> None:
+        with self._report_lock:
+            self.report.claimed += count
+            self.on_claimed(count)
+
+    def _record_from_helper(self, outcome: Outcome) -> None:
+        """An invoice a helper finished (it logged it already)."""
+        with self._report_lock:
+            self.report.add(outcome)
+            self.on_outcome(outcome)
 
     def _warm_up_sftp(self, leases: list[Lease]) -> bool:
         try:
@@ -1141,6 +1240,9 @@ class Pusher:
         ]
 
     def _record(self, outcome: Outcome) -> None:
-        self.report.add(outcome)
-        logs.invoice(outcome)
-        self.on_outcome(outcome)
+        with self._report_lock:
+            self.report.add(outcome)
+            logs.invoice(outcome)
+            self.on_outcome(outcome)
+        if self.link is not None:
+            self.link.outcome(outcome)

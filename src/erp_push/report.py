@@ -157,7 +157,7 @@ class RunReport(CommandReport):
     # --- output ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.header(), "invoices": [_outcome_dict(o) for o in self.outcomes]}
+        return {**self.header(), "invoices": [outcome_dict(o) for o in self.outcomes]}
 
     def json_chunks(self) -> Iterator[str]:
         # A drain of many thousand invoices would otherwise hold every invoice's dict and
@@ -167,7 +167,7 @@ class RunReport(CommandReport):
         yield head[:-1] + ', "invoices": ['  # the head is never empty: '{..., '
 
         for i, outcome in enumerate(self.outcomes):
-            yield (", " if i else "") + _json_text(_outcome_dict(outcome))
+            yield (", " if i else "") + _json_text(outcome_dict(outcome))
         yield "]}"
 
     def header(self) -> dict[str, Any]:
@@ -245,11 +245,17 @@ class RunReport(CommandReport):
         return f"{self.claimed} claimed: " + ", ".join(parts)
 
 
-def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+def outcome_dict(outcome: Outcome) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies every value, for nothing here.
     row = {name: getattr(outcome, name) for name in _OUTCOME_FIELDS}
     row["result"] = outcome.result.value
     return row
+
+
+def outcome_from_dict(row: dict[str, Any]) -> Outcome:
+    """``outcome_dict`` read back (a helper process's outcome, see ``processes``)."""
+    optional = {name: row.get(name) for name in _OUTCOME_FIELDS[2:]}
+    return Outcome(str(row["invoice_token"]), Result(row["result"]), **optional)
 
 
 _OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))

@@ -122,9 +122,36 @@ def _default_state_dir() -> Path:
 _STATE_DIR_DEFAULT_TEXT = "$XDG_STATE_HOME/erp-push or ~/.local/state/erp-push"
 
 
-# The most invoices in flight in one run (``concurrency``): past this, lanes only take
-# turns for the one core a Python process gets (README, Speed).
+# The most invoices in flight in one process (``concurrency``): past this, lanes only
+# take turns for the one core a Python process gets (README, Speed).
 MAX_CONCURRENCY = 64
+# How many processes may share a drain (``processes``), and how many auto starts at
+# most: one per core, and a few at most, since each brings its lanes and SFTP logins.
+MAX_PROCESSES = 8
+MOST_PROCESSES_AUTO = 4
+
+
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _auto_or_a_count(value: Any, most: int) -> Any:
+    """ "auto" or a whole number from 1 to ``most`` (a JSON number or text, as from env),
+    with one clear message for both shapes instead of one per member of the union."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    count = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        count = int(value)
+    if count is None or not 1 <= count <= most:
+        raise ValueError(f"must be auto or a whole number from 1 to {most}, got {_show(value)}")
+    return count
 
 
 class Config(BaseModel):
@@ -173,6 +200,14 @@ class Config(BaseModel):
         "sftp_max_channels per SSH login, more logins beyond that): a number from 1 to "
         f"{MAX_CONCURRENCY}, or auto: as many as the first invoice's round trips show are "
         f"needed, {MAX_CONCURRENCY} at most.",
+    )
+    processes: int | Literal["auto"] = Field(
+        default="auto",
+        description="How many erp-push processes share a drain (push --drain; each "
+        "brings its own lanes): a number from 1 to "
+        f"{MAX_PROCESSES}, or auto: one per CPU core this process may use, "
+        f"{MOST_PROCESSES_AUTO} at most. Helpers start only when there is something to "
+        "claim.",
     )
     max_run_seconds: float = Field(
         default=1200.0,
@@ -327,25 +362,25 @@ class Config(BaseModel):
 
     @field_validator("concurrency", mode="before")
     @classmethod
-    def _auto_or_a_count(cls, value: Any) -> Any:
-        # One clear message for both shapes, instead of one per member of the union.
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        count = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            count = value
-        elif isinstance(value, str) and value.strip().isdigit():
-            count = int(value)
-        if count is None or not 1 <= count <= MAX_CONCURRENCY:
-            raise ValueError(
-                f"must be auto or a whole number from 1 to {MAX_CONCURRENCY}, got {_show(value)}"
-            )
-        return count
+    def _concurrency_auto_or_a_count(cls, value: Any) -> Any:
+        return _auto_or_a_count(value, MAX_CONCURRENCY)
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes_auto_or_a_count(cls, value: Any) -> Any:
+        return _auto_or_a_count(value, MAX_PROCESSES)
 
     @property
     def most_in_flight(self) -> int:
         """The most invoices in flight at once: concurrency, or its ceiling for auto."""
         return MAX_CONCURRENCY if self.concurrency == "auto" else self.concurrency
+
+    @property
+    def drain_processes(self) -> int:
+        """How many processes a drain uses: processes, or for auto one per usable core."""
+        if self.processes == "auto":
+            return min(_usable_cores(), MOST_PROCESSES_AUTO)
+        return self.processes
 
     @field_validator("sftp_host_key_sha256")
     @classmethod
@@ -508,6 +543,7 @@ class Settings(BaseSettings):
             render_rules=c.render_rules(),
             attachments=c.attachment_options(),
             output_mode=c.output_mode,
+            processes=c.drain_processes,
         )
 
 

@@ -12,6 +12,7 @@ table, a progress bar, colour on a terminal). ``tests/test_startup.py`` holds th
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -210,6 +211,7 @@ def _begin(
             raise
 
     loaded = _guarded(load)
+    _collect_garbage_again()
     _State.configured_log_format = loaded.config.log_format
     # Errors are built without secrets; this also keeps a library's echo out of the logs.
     secrets = (getattr(loaded.secrets, name) for name in type(loaded.secrets).model_fields)
@@ -218,6 +220,15 @@ def _begin(
     # Which file a run read is the first question when it does not do what was expected.
     log.info("settings: %s and ERP_PUSH_* variables", path or DEFAULT_SETTINGS_FILE)
     return loaded
+
+
+def _collect_garbage_again() -> None:
+    """Switch the garbage collector back on (``__main__`` keeps it off while the command
+    line starts up), with what start-up built frozen: a long drain's collections then
+    never walk the libraries' objects again."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _json_logs() -> bool:

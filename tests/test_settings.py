@@ -292,6 +292,36 @@ def test_a_bad_concurrency_is_named_in_one_line(tmp_path: Path, bad: object) -> 
     ]
 
 
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), (1, 1), ("3", 3), (8, 8)])
+def test_processes_is_auto_or_a_count(tmp_path: Path, value: object, expected: object) -> None:
+    data = json.loads(json.dumps(SEED))
+    data["config"]["processes"] = value
+    assert load_settings(write(tmp_path, data), needs=set()).config.processes == expected
+
+
+@pytest.mark.parametrize("bad", [0, 9, "two", False])
+def test_a_bad_processes_is_named_in_one_line(tmp_path: Path, bad: object) -> None:
+    data = json.loads(json.dumps(SEED))
+    data["config"]["processes"] = bad
+    assert problems_of(write(tmp_path, data), set()) == [
+        "config.processes (env ERP_PUSH_PROCESSES): must be auto or a whole number "
+        f"from 1 to 8, got {bad!r}"
+    ]
+
+
+def test_processes_auto_is_one_per_usable_core_and_four_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import erp_push.settings as settings_module
+
+    config = load_settings(write(tmp_path, SEED), needs=set()).config
+    for cores, expected in [(1, 1), (2, 2), (4, 4), (16, 4)]:
+        monkeypatch.setattr(settings_module, "_usable_cores", lambda n=cores: n)
+        assert config.drain_processes == expected
+    explicit = config.model_copy(update={"processes": 6})
+    assert explicit.drain_processes == 6
+
+
 def test_env_var_names_are_flat_and_unique() -> None:
     names = [row.env_var for row in SETTINGS_REFERENCE]
 

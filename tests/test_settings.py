@@ -282,13 +282,19 @@ def test_concurrency_is_auto_or_a_count(
     assert config.most_in_flight == (64 if expected == "auto" else expected)
 
 
-@pytest.mark.parametrize("bad", [0, 65, True, 2.5, "sixteen", "-3", None])
-def test_a_bad_concurrency_is_named_in_one_line(tmp_path: Path, bad: object) -> None:
+@pytest.mark.parametrize(
+    ("key", "most", "bad"),
+    [
+        *[("concurrency", 64, bad) for bad in (0, 65, True, 2.5, "sixteen", "-3", None)],
+        *[("processes", 8, bad) for bad in (0, 9, "two", False)],
+    ],
+)
+def test_a_bad_count_is_named_in_one_line(tmp_path: Path, key: str, most: int, bad: object) -> None:
     data = json.loads(json.dumps(SEED))
-    data["config"]["concurrency"] = bad
+    data["config"][key] = bad
     assert problems_of(write(tmp_path, data), set()) == [
-        "config.concurrency (env ERP_PUSH_CONCURRENCY): must be auto or a whole number "
-        f"from 1 to 64, got {bad!r}"
+        f"config.{key} (env ERP_PUSH_{key.upper()}): must be auto or a whole number "
+        f"from 1 to {most}, got {bad!r}"
     ]
 
 
@@ -297,16 +303,6 @@ def test_processes_is_auto_or_a_count(tmp_path: Path, value: object, expected: o
     data = json.loads(json.dumps(SEED))
     data["config"]["processes"] = value
     assert load_settings(write(tmp_path, data), needs=set()).config.processes == expected
-
-
-@pytest.mark.parametrize("bad", [0, 9, "two", False])
-def test_a_bad_processes_is_named_in_one_line(tmp_path: Path, bad: object) -> None:
-    data = json.loads(json.dumps(SEED))
-    data["config"]["processes"] = bad
-    assert problems_of(write(tmp_path, data), set()) == [
-        "config.processes (env ERP_PUSH_PROCESSES): must be auto or a whole number "
-        f"from 1 to 8, got {bad!r}"
-    ]
 
 
 def test_processes_auto_is_one_per_usable_core_and_four_at_most(

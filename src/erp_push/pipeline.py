@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -978,6 +978,9 @@ class Pusher:
             )
             leases += self._claim(more) if more > 0 else []
         in_flight: dict[Future[Outcome | list[Outcome]], int] = {}
+        # Each future puts itself here when done: taking the next is O(1), where wait()
+        # installs and removes a waiter on every future in flight at each completion.
+        finished: queue.SimpleQueue[Future[Outcome | list[Outcome]]] = queue.SimpleQueue()
         # Claimed work not started yet: a lane takes the next as soon as it is free.
         waiting: deque[tuple[int, Callable[[], Outcome | list[Outcome]]]] = deque()
         batches: dict[int, list[Outcome]] = {}
@@ -999,7 +1002,9 @@ class Pusher:
                 leases = []
             while waiting and len(in_flight) < self.lanes:
                 number, deliver = waiting.popleft()
-                in_flight[self._pool.submit(deliver)] = number
+                future = self._pool.submit(deliver)
+                in_flight[future] = number
+                future.add_done_callback(finished.put)
             stop_reason = self._why_stop_claiming(queue_empty, budget)
             own_share_spent = budget is not None and self._claimed_here >= budget
             if stop_reason is not None and self._helpers is not None and not own_share_spent:
@@ -1018,7 +1023,9 @@ class Pusher:
                 if stop_reason:
                     self.report.notes.append(stop_reason)
                 return
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            done = [finished.get()]
+            while not finished.empty():
+                done.append(finished.get())
             for future in done:
                 number = in_flight.pop(future)
                 result = future.result()

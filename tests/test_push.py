@@ -454,7 +454,7 @@ def test_concurrency_auto_uses_few_lanes_on_a_fast_link_and_all_on_a_slow_one(
     report, logins, chosen = _push_counting_logins(path, caplog)
     assert report.count(Result.DELIVERED) == 60
     (fast,) = chosen
-    assert 8 <= fast < 64
+    assert 4 <= fast < 64
     assert logins == -(-fast // 10)  # as many logins as the chosen lanes need, no more
 
     caplog.clear()

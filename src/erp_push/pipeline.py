@@ -177,11 +177,12 @@ def checkpoint(step: str) -> None:
 # stay under that (3 at once measured 8% faster at 10 ms once, no faster another day).
 PARALLEL_LOGINS = 2
 
-# Lanes (invoices worked on at once) are chosen from the probe's time, see
-# Pusher._choose_lanes: enough in flight for this many invoices/s, about what one process
-# reaches when it never waits, and never fewer than MIN_LANES (nor more than concurrency).
-LANE_RATE = 400
-MIN_LANES = 8
+# Lanes (invoices worked on at once) are chosen from the time the probe spent waiting,
+# see Pusher._choose_lanes: enough in flight for this many invoices/s, about what one
+# process reaches when it never waits, and never fewer than MIN_LANES (nor more than
+# concurrency).
+LANE_RATE = 450
+MIN_LANES = 4
 
 
 class SessionPool:
@@ -801,6 +802,7 @@ class Pusher:
         # Invoices worked on at once (after the probe, which goes alone): concurrency, or
         # with concurrency auto as many as _choose_lanes finds are needed.
         self.lanes = 1 if plan.choose_lanes else plan.concurrency
+        self._probe_cpu = 0.0  # CPU seconds the probe's lane spent (_timed_probe)
 
     def run(self) -> RunReport:
         self.journal.start_run()
@@ -1002,6 +1004,8 @@ class Pusher:
                 leases = []
             while waiting and len(in_flight) < self.lanes:
                 number, deliver = waiting.popleft()
+                if number == probe:
+                    deliver = partial(self._timed_probe, deliver)
                 future = self._pool.submit(deliver)
                 in_flight[future] = number
                 future.add_done_callback(finished.put)
@@ -1035,29 +1039,42 @@ class Pusher:
                     open_batches[number] -= 1
                 if open_batches[number] == 0:
                     if number == probe and self.plan.choose_lanes:
-                        self._choose_lanes(time.monotonic() - probe_started)
+                        waited = time.monotonic() - probe_started - self._probe_cpu
+                        self._choose_lanes(waited)
                     self._batch_finished(batches.pop(number))
                     del open_batches[number]
                     if number == probe and self._helpers is not None:
                         self._let_helpers_claim(queue_empty)
 
-    def _choose_lanes(self, probe_seconds: float) -> None:
-        """Set how many invoices are worked on at once, from the probe's wall time.
+    def _timed_probe(
+        self, deliver: Callable[[], Outcome | list[Outcome]]
+    ) -> Outcome | list[Outcome]:
+        """The probe's delivery, counting the CPU its lane spent (see _choose_lanes)."""
+        started = time.thread_time()
+        try:
+            return deliver()
+        finally:
+            self._probe_cpu += time.thread_time() - started
+
+    def _choose_lanes(self, waited: float) -> None:
+        """Set how many invoices are worked on at once, from how long the probe waited.
 
         Lanes beyond what the round trips need do not go faster, they only take turns for
-        the process's one core (the GIL): at 0 ms, 64 lanes cost about 40% more CPU per
-        invoice than 8. The probe ran alone, so its time is one invoice's round trips
-        with no queueing; by Little's law, keeping LANE_RATE invoices/s going then needs
-        LANE_RATE × that many in flight (10 ms each way: ~0.16 s → 64; loopback: → 8).
+        the process's one core (the GIL): at 0 ms, 8 lanes cost about 8% more CPU per
+        invoice than 4, 64 another 10%. The probe ran alone, so its wall time less the CPU
+        its lane spent (first-time work included: imports, the first of each request) is
+        one invoice's waiting on the network and the servers; by Little's law, keeping
+        LANE_RATE invoices/s going then needs LANE_RATE × that many in flight (10 ms each
+        way: ~0.15 s → 60–64; loopback: a few ms → MIN_LANES).
         """
-        wanted = math.ceil(probe_seconds * LANE_RATE)
+        wanted = math.ceil(max(waited, 0.0) * LANE_RATE)
         self.lanes = max(min(MIN_LANES, self.plan.concurrency), min(wanted, self.plan.concurrency))
         logs.event(
             "lanes_chosen",
-            f"lanes: {self.lanes} (the first invoice took {probe_seconds * 1000:.0f} ms; "
-            f"concurrency {self.plan.concurrency})",
+            f"lanes: {self.lanes} (the first invoice waited {waited * 1000:.0f} ms on the "
+            f"network and the servers; concurrency {self.plan.concurrency})",
             lanes=self.lanes,
-            probe_ms=round(probe_seconds * 1000, 1),
+            probe_wait_ms=round(waited * 1000, 1),
             concurrency=self.plan.concurrency,
         )
 

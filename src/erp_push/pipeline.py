@@ -1065,7 +1065,7 @@ class Pusher:
         its lane spent (first-time work included: imports, the first of each request) is
         one invoice's waiting on the network and the servers; by Little's law, keeping
         LANE_RATE invoices/s going then needs LANE_RATE × that many in flight (10 ms each
-        way: ~0.15 s → 60–64; loopback: a few ms → MIN_LANES).
+        way: ~0.15 s → 64; loopback: a few ms → MIN_LANES).
         """
         wanted = math.ceil(max(waited, 0.0) * LANE_RATE)
         self.lanes = max(min(MIN_LANES, self.plan.concurrency), min(wanted, self.plan.concurrency))

@@ -409,6 +409,36 @@ def test_cleanup_tmp_reports_what_it_could_not_remove(
 # --- SIGTERM: the run unwinds like Ctrl-C ---------------------------------------------------
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_start_up_ends_at_once_without_a_traceback(
+    sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings, signum: int
+) -> None:
+    """A signal while the command line is still importing and loading settings (a drain's
+    helper stopped by its first process, `timeout` on a slow machine): nothing was done,
+    so the process ends at once, 143 or 130, with its one line. Raised as an exception
+    there it could land in pydantic's schema builder: a panic and a traceback."""
+    import subprocess
+    import sys
+
+    settings = str(make_settings(asyncssh_sftp))
+    command = [sys.executable, "-m", "erp_push", "push", "--settings", settings, "--drain"]
+    stopped_early = 0
+    for delay in (0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.25):
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        child.send_signal(signum)
+        _out, err = child.communicate(timeout=60)
+        assert "Traceback" not in err and "panicked" not in err, err
+        code = ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED
+        # Before its handler is in place Python ends it by the signal itself; after the
+        # run began (nothing to claim here) it may have finished.
+        assert child.returncode in (code, -signum, ExitCode.OK), err
+        if child.returncode == code:
+            stopped_early += 1
+            assert ("terminated:" if signum == signal.SIGTERM else "interrupted:") in err
+    assert stopped_early > 0  # some signal did land while it was starting up
+
+
 def test_sigterm_mid_run_unwinds_like_ctrl_c(
     tmp_path: Path, sandbox: Sandbox, asyncssh_sftp: SftpServerInfo, make_settings: MakeSettings
 ) -> None:

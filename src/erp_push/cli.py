@@ -12,6 +12,7 @@ table, a progress bar, colour on a terminal). ``tests/test_startup.py`` holds th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -136,6 +137,7 @@ class _State:
     metrics_file: Path | None = None  # from the command line
     settings_used: Path | None = None  # the command's, else the global --settings
     helper = False  # this process is a drain's helper (push --helper): the first one speaks
+    started = False  # start-up (imports, settings) is over: the command is at work
 
 
 def _version(value: bool) -> None:
@@ -212,6 +214,7 @@ def _begin(
 
     loaded = _guarded(load)
     _collect_garbage_again()
+    _State.started = True  # from here a stop signal unwinds the command (_on_stop_signal)
     _State.configured_log_format = loaded.config.log_format
     # Errors are built without secrets; this also keeps a library's echo out of the logs.
     secrets = (getattr(loaded.secrets, name) for name in type(loaded.secrets).model_fields)
@@ -328,7 +331,25 @@ class Terminated(BaseException):
     exit_code = TERMINATED  # what the journal records for the run (commands.push)
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+def _on_stop_signal(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM and Ctrl-C: unwind the command (``Terminated``, ``KeyboardInterrupt``), or
+    while it is still starting up, end at once.
+
+    Start-up (imports, settings) has done nothing yet, so there is nothing to unwind; and
+    an exception raised there can land inside pydantic's schema builder, which turns it
+    into a panic and a traceback. A drain's helper that its first process stops while it
+    is still starting up is the usual case.
+    """
+    how, code = (
+        ("terminated", TERMINATED) if signum == signal.SIGTERM else ("interrupted", INTERRUPTED)
+    )
+    if not _State.started:
+        _stopped(how)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os._exit(code)
+    if signum != signal.SIGTERM:
+        raise KeyboardInterrupt
     # A second SIGTERM while the run winds down ends the process at once; a helper gets
     # one from the first process and maybe one more from `systemctl stop` (the whole
     # group): it winds down all the same.
@@ -882,8 +903,12 @@ def doctor(
     Example: [bold]erp-push doctor --settings /etc/erp-push/settings.json[/bold]
     """
     from erp_push import commands
+    from erp_push import doctor as _checks  # noqa: F401  (its models, built now: see below)
 
     path = _options(settings, verbose=verbose, debug=debug, log_format=log_format, quiet=quiet)
+    # Its checks load the settings themselves; with their models built (the imports
+    # above), a stop signal from here on unwinds the checks and removes the probes.
+    _State.started = True
     report = _guarded(lambda: commands.doctor(path, watch_seconds=watch))
     _show_and_exit(report, as_json=as_json)
 
@@ -925,7 +950,8 @@ def _thread_crashed(args: threading.ExceptHookArgs) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
     threading.excepthook = _thread_crashed
     # A library's Python warnings become records (py.warnings): shown with --debug only.
     logging.captureWarnings(True)

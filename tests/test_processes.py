@@ -93,6 +93,21 @@ def assert_each_delivered_once(sandbox: Sandbox, server: SftpServerInfo, tokens:
     assert not [p for p in server.files() if p.endswith(".tmp")]
 
 
+def start_slow_drain(
+    sandbox: Sandbox, server: SftpServerInfo, make_settings: MakeSettings, count: int
+) -> tuple[list[str], Path, subprocess.Popen[str], int]:
+    """``count`` invoices drained by two processes (SLOW), returned once the helper holds
+    invoices too: the tokens, the settings, the first process and the helper's pid."""
+    server.clear()
+    tokens = sandbox.control.seed(count)
+    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 200}])
+    path = make_settings(server, config=SLOW)
+    first = start_drain(path)
+    (helper,) = wait_for(lambda: helper_pids(first.pid))
+    wait_for(lambda: len(runs_in_journal(path)) == 2)  # the helper has invoices too
+    return tokens, path, first, helper
+
+
 def finish_the_rest(sandbox: Sandbox, path: Path) -> None:
     """Later runs, once the stopped runs' leases lapsed: recovery, then what came back."""
     sandbox.control.set_faults([])
@@ -163,13 +178,7 @@ def test_a_killed_helper_leaves_its_invoices_pending_and_the_next_run_finishes_t
     """SIGKILL on a helper mid-drain: the first process finishes its own invoices,
     reports the helper's unfinished ones pending (exit 1), and the next run (once their
     leases lapse) delivers each of them, once."""
-    openssh_sftp.clear()
-    tokens = sandbox.control.seed(120)
-    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 200}])
-    path = make_settings(openssh_sftp, config=SLOW)
-    first = start_drain(path)
-    (helper,) = wait_for(lambda: helper_pids(first.pid))
-    wait_for(lambda: len(runs_in_journal(path)) == 2)  # the helper has invoices too
+    tokens, path, first, helper = start_slow_drain(sandbox, openssh_sftp, make_settings, 120)
     os.kill(helper, signal.SIGKILL)
     out, err = first.communicate(timeout=120)
 
@@ -193,13 +202,7 @@ def test_the_first_process_stopped_or_killed_takes_its_helpers_down_with_nothing
     """SIGTERM on the first process reaches its helper once (both wind down, exit 143);
     SIGKILL closes the helper's pipe, and it stops claiming and ends by itself. Either
     way the next runs deliver every invoice exactly once."""
-    openssh_sftp.clear()
-    tokens = sandbox.control.seed(150)
-    sandbox.control.set_faults([{"endpoint": "get", "kind": "latency", "latency_ms": 200}])
-    path = make_settings(openssh_sftp, config=SLOW)
-    first = start_drain(path)
-    (helper,) = wait_for(lambda: helper_pids(first.pid))
-    wait_for(lambda: len(runs_in_journal(path)) == 2)  # the helper has invoices too
+    tokens, path, first, helper = start_slow_drain(sandbox, openssh_sftp, make_settings, 150)
 
     first.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
     out, err = first.communicate(timeout=120)

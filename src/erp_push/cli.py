@@ -463,19 +463,11 @@ def push(
     Example: [bold]erp-push push --settings /etc/erp-push/settings.json --drain[/bold]
     """
     from erp_push import commands
-    from erp_push.settings import Need
 
     if helper:
         _help_a_drain(settings, max_invoices, verbose, debug, log_format, quiet)
     with _run_metrics(metrics_file) as run:
-        cfg = _begin(
-            settings,
-            {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR},
-            verbose=verbose,
-            debug=debug,
-            log_format=log_format,
-            quiet=quiet,
-        )
+        cfg = _begin_push(settings, verbose, debug, log_format, quiet)
         if _State.metrics_file is None:
             _State.metrics_file = cfg.config.metrics_file
         shown = not as_json and _is_terminal() and not _json_logs() and not _quiet()
@@ -515,6 +507,26 @@ def _helper_command() -> list[str]:
     return command + ["--quiet"] * _State.quiet
 
 
+def _begin_push(
+    settings: Path | None,
+    verbose: bool,
+    debug: bool,
+    log_format: LogFormat | None,
+    quiet: bool,
+) -> Settings:
+    """``_begin`` with what a push needs (the first process and its helpers alike)."""
+    from erp_push.settings import Need
+
+    return _begin(
+        settings,
+        {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR},
+        verbose=verbose,
+        debug=debug,
+        log_format=log_format,
+        quiet=quiet,
+    )
+
+
 def _help_a_drain(
     settings: Path | None,
     max_invoices: int | None,
@@ -531,17 +543,9 @@ def _help_a_drain(
     """
     from erp_push import commands
     from erp_push.processes import HelperLink
-    from erp_push.settings import Need
 
     _State.helper = True
-    cfg = _begin(
-        settings,
-        {Need.NUNTIQ, Need.SFTP, Need.STATE, Need.CONNECTOR},
-        verbose=verbose,
-        debug=debug,
-        log_format=log_format,
-        quiet=quiet,
-    )
+    cfg = _begin_push(settings, verbose, debug, log_format, quiet)
     report = _guarded(
         lambda: commands.push(cfg, drain=True, max_invoices=max_invoices, link=HelperLink())
     )

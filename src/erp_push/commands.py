@@ -110,8 +110,7 @@ def push(
         # The run is recorded for `erp-push status` under its lock, so a recorded run
         # without an end is either still going (its lock is held) or was killed.
         journal.start_run()
-        record = link is None  # a helper's work is recorded by the first process
-        if record:
+        if link is None:  # a helper's work is recorded by the first process
             status.record_run_started(journal, "push")
         pusher = Pusher(
             nuntiq=client,
@@ -126,7 +125,7 @@ def push(
         try:
             report = pusher.run()
         except BaseException as exc:  # Ctrl-C, SIGTERM, a bug: still how the run ended
-            if record:
+            if link is None:
                 status.record_run_finished(journal, pusher.report, exc)
             raise
         if link is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import socket
 import subprocess
 import threading
@@ -35,7 +36,7 @@ from erp_push.errors import (
 )
 from erp_push.publish import Checkpoint, Delivery, Drop
 from erp_push.render import RenderedFile
-from erp_push.transport import TMP_PATTERN, SftpOptions, SftpSession, fingerprint
+from erp_push.transport import TMP_PATTERN, Exchange, SftpOptions, SftpSession, fingerprint
 from tests.sftp_servers.fixtures import SftpServerInfo
 
 NAME = "ABC-20260101.csv"
@@ -731,11 +732,69 @@ def test_a_fresh_file_costs_four_round_trips_whatever_the_folders_hold(
             assert not delivery.already_delivered
 
     # Stat the names (8 days x 2 folders) + create the tmp; write + close; re-check the
-    # name (2 stats); link + remove the tmp. Never a listing.
+    # name in sent/ (a link never replaces the outbox's); link + remove the tmp. Never a
+    # listing.
     assert round_trips == 5 * 4
     assert info.requests["list"] == 0
-    per_file = 2 * (publishing.LOOKBACK_DAYS + 1) + 1 + 2 + 2 + 2
+    per_file = 2 * (publishing.LOOKBACK_DAYS + 1) + 1 + 2 + 1 + 2
     assert sum(info.requests.values()) == 5 * per_file
+
+
+@pytest.mark.parametrize(
+    ("hardlink", "sent", "rechecks", "round_trips"),
+    [
+        (True, True, ["sent"], 4),  # a link cannot replace the outbox's name
+        (True, False, [], 3),  # ... so without sent/ there is nothing to re-check
+        (False, True, ["outbox", "sent"], 4),  # a rename may replace it: ask
+        (False, False, ["outbox"], 4),
+    ],
+    ids=["link+sent", "link", "rename+sent", "rename"],
+)
+def test_the_name_is_rechecked_only_where_publishing_could_replace_a_file(
+    sftp_server_factory: Factory,
+    monkeypatch: pytest.MonkeyPatch,
+    hardlink: bool,
+    sent: bool,
+    rechecks: list[str],
+    round_trips: int,
+) -> None:
+    """Between the look and the publish someone may take the name. A rename may replace
+    what is there, so both folders are asked again; a hardlink fails on a taken name
+    (and the link step then looks), so only sent/, where the ERP moves files, is."""
+    info = sftp_server_factory("normal")
+    file = replace(rendered(name="ABC-20260110.csv"), created_on=date(2026, 1, 10))
+    exchanges: list[str] = []
+    real_exchange = SftpSession.exchange
+
+    def recording_exchange(self: SftpSession, what: str) -> Any:
+        exchanges.append(what)
+        return real_exchange(self, what)
+
+    monkeypatch.setattr(SftpSession, "exchange", recording_exchange)
+    stats: list[str] = []
+    real_stat = Exchange.stat
+
+    def recording_stat(self: Exchange, path: str) -> Any:
+        stats.append(path)
+        return real_stat(self, path)
+
+    with SftpSession.connect(info.options()) as session:
+        monkeypatch.setattr(Exchange, "stat", recording_stat)
+        drop = Drop(info.outbox, info.sent if sent else None)
+        # Without links: as the run knows once a link was refused (the server offers them).
+        traits = publishing.ServerTraits(hardlink_broken=not hardlink)
+        delivery = publishing.publish(session, drop, file, traits=traits)
+
+    assert delivery == Delivery(f"{info.outbox}/ABC-20260110.csv", already_delivered=False)
+    assert len(exchanges) == round_trips
+    folders = 2 if sent else 1
+    looked = stats[: 2 * folders]  # today's and the day before's names, in each folder
+    assert {posixpath.dirname(path) for path in looked} == set(
+        [info.outbox, info.sent] if sent else [info.outbox]
+    )
+    where = {info.outbox: "outbox", info.sent: "sent"}
+    assert [where[posixpath.dirname(path)] for path in stats[2 * folders :]] == rechecks
+    assert info.files() == {f"{info.outbox}/ABC-20260110.csv": BODY}
 
 
 def test_an_invoice_is_looked_for_no_further_back_than_the_day_before_it_was_created(
@@ -768,8 +827,9 @@ def test_an_invoice_is_looked_for_no_further_back_than_the_day_before_it_was_cre
     assert delivery == Delivery(
         remote_path=f"{info.outbox}/ABC-20260110.csv", already_delivered=False
     )
-    # 3 days (the 10th, 9th, 8th) x 2 folders + create; write + close; 2 stats; link + remove
-    assert sum(info.requests.values()) == 2 * 3 + 1 + 2 + 2 + 2
+    # 3 days (the 10th, 9th, 8th) x 2 folders + create; write + close; sent/'s stat; link
+    # + remove
+    assert sum(info.requests.values()) == 2 * 3 + 1 + 2 + 1 + 2
 
 
 def test_an_identical_file_is_looked_for_up_to_lookback_days_back(server: SftpServerInfo) -> None:

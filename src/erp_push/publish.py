@@ -559,10 +559,21 @@ class _Publishing:
         yield from today.unlooked()
 
     def _taken(self, name: str) -> str | None:
+        """Where ``name`` is taken (outbox or sent/), or None.
+
+        A hardlink never replaces an existing name (link(2) fails with EEXIST; the link
+        step then looks), so when publishing by link only sent/ is asked about: the ERP
+        may have moved a file of that name there since we looked.
+        """
+        folders = self.drop.folders
+        if self.drop.mode == "rename" and self._use_hardlink():
+            folders = folders[1:]
+        if not folders:
+            return None
         with self.session.exchange(f"checking {name}") as batch:
             replies = [
                 (posixpath.join(folder, name), batch.stat(posixpath.join(folder, name)))
-                for folder in self.drop.folders
+                for folder in folders
             ]
         for path, reply in replies:
             if reply.ok:

@@ -183,8 +183,6 @@ PARALLEL_LOGINS = 2
 # concurrency).
 LANE_RATE = 450
 MIN_LANES = 4
-# How often the main thread looks at a probe still out (Pusher._open_ahead).
-PROBE_LOOK_SECONDS = 0.02
 
 
 class SessionPool:
@@ -221,7 +219,6 @@ class SessionPool:
         self._awaiting_logins = 0
         self._opening_on: dict[int, int] = {}  # channels being opened, per login
         self._capped = False  # the server refused another login: make do with these
-        self._ahead = 0  # sessions being opened ahead of the lanes (open_ahead)
         self._traits: ServerTraits | None = None
 
     @property
@@ -253,28 +250,6 @@ class SessionPool:
         with self.session():
             pass
 
-    def open_ahead(self, count: int, run: Callable[[Callable[[], None]], object]) -> None:
-        """Open ``count`` more sessions for lanes about to start, each by ``run`` (a
-        worker thread), and leave them idle (see Pusher._open_ahead). A lane that finds
-        none idle meanwhile waits for these rather than open one of its own; a failure
-        only costs the head start."""
-        with self._lock:
-            self._ahead += count
-        for _ in range(count):
-            run(self._open_one_ahead)
-
-    def _open_one_ahead(self) -> None:
-        try:
-            session = self._open(or_idle=False)
-        except SftpError as exc:
-            session = None
-            log.debug("opening a session ahead failed: %s", exc)
-        finally:
-            with self._lock:
-                self._ahead -= 1
-        if session is not None:
-            self._idle.put(session)
-
     def close(self) -> None:
         with self._lock:
             sessions, self._all = self._all, []
@@ -287,13 +262,10 @@ class SessionPool:
             session = self._take_idle()
             if session is not None:
                 return session
-            # Sessions being opened ahead for the lanes: wait for one of those rather
-            # than open one more.
-            session = None if self._ahead else self._open()
+            session = self._open()
             if session is not None:
                 return session
-            # Capped (every session is busy; one comes back when its file is done), or
-            # one is being opened ahead.
+            # Capped: every session is busy; one comes back when its file is done.
             try:
                 session = self._idle.get(timeout=1.0)
             except queue.Empty:
@@ -313,12 +285,11 @@ class SessionPool:
                 return session
             self._discard(session)
 
-    def _open(self, *, or_idle: bool = True) -> SftpSession | None:
+    def _open(self) -> SftpSession | None:
         """A new channel on a login with room, else a new login; None when capped.
 
         Channels are opened in parallel (each costs a round trip or two); logins a few
-        at a time (PARALLEL_LOGINS), since servers throttle bursts of them. ``or_idle``:
-        a session that became idle meanwhile will do (not when opening ahead).
+        at a time (PARALLEL_LOGINS), since servers throttle bursts of them.
         """
         while True:
             session, refused = self._open_channel()
@@ -327,8 +298,8 @@ class SessionPool:
             if not refused and self._await_login_in_progress():
                 continue  # a login finished (or failed): look again
             with self._logging_in:
-                session = self._take_idle() if or_idle else None
-                if session is not None:  # one came back while we waited
+                session = self._take_idle()  # one may have come back while we waited
+                if session is not None:
                     return session
                 # Another worker's new login may have room now: use it (unless a
                 # login just refused us a channel: then a login of our own).
@@ -832,10 +803,6 @@ class Pusher:
         # with concurrency auto as many as _choose_lanes finds are needed.
         self.lanes = 1 if plan.choose_lanes else plan.concurrency
         self._probe_cpu = 0.0  # CPU seconds the probe's lane spent (_timed_probe)
-        # The probe lane's CPU clock, to read while it is out (None: none, or no such clock
-        # here), and the sessions opened ahead for the lanes after it (_open_ahead).
-        self._probe_clock: tuple[int, float] | None = None
-        self._opened_ahead = 0
 
     def run(self) -> RunReport:
         self.journal.start_run()
@@ -1060,12 +1027,7 @@ class Pusher:
                 if stop_reason:
                     self.report.notes.append(stop_reason)
                 return
-            try:
-                # While the probe is out, look now and then how long it has waited.
-                done = [finished.get(timeout=PROBE_LOOK_SECONDS if probing else None)]
-            except queue.Empty:
-                self._open_ahead(time.monotonic() - probe_started)
-                continue
+            done = [finished.get()]
             while not finished.empty():
                 done.append(finished.get())
             for future in done:
@@ -1089,40 +1051,10 @@ class Pusher:
     ) -> Outcome | list[Outcome]:
         """The probe's delivery, counting the CPU its lane spent (see _choose_lanes)."""
         started = time.thread_time()
-        if self.plan.choose_lanes and hasattr(time, "pthread_getcpuclockid"):
-            clock = time.pthread_getcpuclockid(threading.get_ident())
-            self._probe_clock = (clock, time.clock_gettime(clock))
         try:
             return deliver()
         finally:
             self._probe_cpu += time.thread_time() - started
-            self._probe_clock = None
-
-    def _open_ahead(self, elapsed: float) -> None:
-        """While the probe is still out, open the sessions its lanes will surely need.
-
-        The probe's wait so far (its wall time less its lane's CPU so far) only grows, so
-        the lanes it will choose are at least ``LANE_RATE`` × that many (see
-        _choose_lanes). On a slow link the logins for them (several round trips each,
-        PARALLEL_LOGINS at a time) then start while the probe is out instead of after it:
-        10 ms each way, about a quarter of a second sooner. On a fast link the probe
-        never waits long enough for more than MIN_LANES, which need no more sessions.
-        """
-        probe_clock = self._probe_clock
-        if probe_clock is None:
-            return
-        clock, cpu_at_start = probe_clock
-        try:
-            waited = elapsed - (time.clock_gettime(clock) - cpu_at_start)
-        except OSError:  # the lane's thread is gone: the probe is over
-            return
-        surely = min(math.ceil(max(waited, 0.0) * LANE_RATE), self.plan.concurrency)
-        if surely <= MIN_LANES:
-            return
-        more = surely - 1 - self._opened_ahead  # the probe holds one session already
-        if more > 0:
-            self.sessions.open_ahead(more, self._pool.submit)
-            self._opened_ahead += more
 
     def _choose_lanes(self, waited: float) -> None:
         """Set how many invoices are worked on at once, from how long the probe waited.

@@ -616,8 +616,9 @@ class InvoiceWorker:
 
         def attempt() -> Delivery:
             # One writer at a time per family of names, across lanes and runs: see
-            # Journal.name_lock (two batch files named in the same second, say).
-            with self.journal.name_lock(file.file_name), self.sessions.session() as sftp:
+            # Journal.name_lock (two batch files named in the same second, say). The
+            # session first: a lane waiting for one must not hold a family's turn.
+            with self.sessions.session() as sftp, self.journal.name_lock(file.file_name):
                 if resend:
                     target = self.journal.resend_target(token)
                     name = target.rpartition("/")[2] if target else None

@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help=f"comma-separated scenarios (default all): {', '.join(SCENARIOS)}",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="median of K runs of each")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="median of K runs of each, alternating (default 3; 1 with --quick): one run "
+        "on a shared machine moves by 10-20%%",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument(
         "--markdown", action="store_true", help="print the table as Markdown (for the README)"
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also push at 0 and 10 ms for each concurrency level (e.g. 1,4,8,16)",
     )
     args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.json is not None and not args.json.parent.is_dir():

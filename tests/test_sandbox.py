@@ -328,14 +328,17 @@ def test_the_request_head_is_read_as_http_server_would(
     assert was_closed == closed
 
 
-def test_header_names_are_matched_in_any_case(sandbox: Sandbox) -> None:
+def test_header_names_are_matched_in_any_case_and_the_first_of_a_repeated_one_counts(
+    sandbox: Sandbox,
+) -> None:
     url = httpx.URL(sandbox.base_url)
     request = (
         f"GET {url.path}/v1/invoices/00000000-0000-4000-8000-000000000000 HTTP/1.1\r\n"
-        f"host: x\r\nx-api-KEY:   {sandbox.api_key}  \r\n\r\n"
+        f"host: x\r\nx-api-KEY:   {sandbox.api_key}  \r\nX-Api-Key: second\r\n\r\n"
     ).encode()
     answer, _ = _exchange_raw(sandbox, request)
-    assert answer.split(b" ", 2)[1] == b"404"  # authenticated: unknown invoice, not 401
+    # Authenticated by the first of the repeated key: an unknown invoice, not 401.
+    assert answer.split(b" ", 2)[1] == b"404"
 
 
 # --- get invoice ----------------------------------------------------------------------

@@ -374,7 +374,8 @@ MAX_HEADER_LINE = 65536
 
 
 class _RequestHeaders(dict[str, str]):
-    """A request's headers by lower-cased name (the last of a repeated one wins)."""
+    """A request's headers by lower-cased name; of a repeated one the first, as
+    http.server's headers answer ``get``."""
 
     def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
@@ -419,7 +420,7 @@ class SandboxRequestHandler(BaseHTTPRequestHandler):
             if not colon:
                 self.send_error(HTTPStatus.BAD_REQUEST, "Bad header line")
                 return False
-            headers[name.strip().lower()] = value.strip()
+            headers.setdefault(name.strip().lower(), value.strip())
         else:
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
             return False

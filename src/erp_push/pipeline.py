@@ -804,10 +804,10 @@ class Pusher:
         # with concurrency auto as many as _choose_lanes finds are needed.
         self.lanes = 1 if plan.choose_lanes else plan.concurrency
         self._probe_cpu = 0.0  # CPU seconds the probe's lane spent (_timed_probe)
+        self._delta_started = False  # the delta stream knows of this run (_delta_begin)
 
     def run(self) -> RunReport:
         self.journal.start_run()
-        self._delta_started = False
         if self.link is None:  # a helper leaves the run's bookkeeping to the first process
             self._delta_begin()
         try:
@@ -956,7 +956,8 @@ class Pusher:
             lanes = self.link.wait_for_go(self._told_to_stop.set)
             if lanes is None:
                 return
-            self.lanes = lanes if self.plan.choose_lanes else self.lanes
+            if self.plan.choose_lanes:
+                self.lanes = lanes
             probe: int | None = None
             leases = self._claim(
                 self.plan.batch_size if budget is None else min(self.plan.batch_size, budget)
@@ -1124,9 +1125,7 @@ class Pusher:
         deadline = asked_at + timedelta(seconds=ttl)
         leases = [lease.model_copy(update={"lease_expires_at": deadline}) for lease in leases]
         self._claimed_here += len(leases)
-        with self._report_lock:
-            self.report.claimed += len(leases)
-            self.on_claimed(len(leases))
+        self._count_claimed(len(leases))
         if self.link is not None and leases:
             self.link.claimed(leases)
         return leases
@@ -1152,8 +1151,8 @@ class Pusher:
                 extra,
                 max_invoices=share,
                 seconds_left=self._deadline - time.monotonic(),
-                on_claimed=self._claimed_by_helper,
-                on_outcome=self._record_from_helper,
+                on_claimed=self._count_claimed,
+                on_outcome=self._add_outcome,
             )
         except OSError as exc:  # cannot start a process: the drain goes on in this one
             log.warning("could not start helper processes, draining alone: %s", exc)
@@ -1167,13 +1166,14 @@ class Pusher:
         if self._why_stop_claiming(queue_empty, budget=None) is None:
             self._helpers.go(self.lanes)
 
-    def _claimed_by_helper(self, count: int) -> None:
+    def _count_claimed(self, count: int) -> None:
+        """Invoices claimed by this process or a helper: into the report and progress."""
         with self._report_lock:
             self.report.claimed += count
             self.on_claimed(count)
 
-    def _record_from_helper(self, outcome: Outcome) -> None:
-        """An invoice a helper finished (it logged it already)."""
+    def _add_outcome(self, outcome: Outcome) -> None:
+        """An invoice finished by this process or a helper (whichever logged it)."""
         with self._report_lock:
             self.report.add(outcome)
             self.on_outcome(outcome)
@@ -1265,9 +1265,7 @@ class Pusher:
         ]
 
     def _record(self, outcome: Outcome) -> None:
-        with self._report_lock:
-            self.report.add(outcome)
-            logs.invoice(outcome)
-            self.on_outcome(outcome)
+        logs.invoice(outcome)
+        self._add_outcome(outcome)
         if self.link is not None:
             self.link.outcome(outcome)
